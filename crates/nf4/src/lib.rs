@@ -1,0 +1,463 @@
+//! 4-bit blockwise quantization (NF4, FP4) bit-exact with bitsandbytes, the codec of QLoRA.
+//!
+//! # Should I use this crate?
+//!
+//! Use it to quantize and dequantize weights in the 4-bit formats that bitsandbytes and
+//! transformers write (`load_in_4bit=True`): the packed codes, the per-block absmax and its double
+//! quantization come out byte for byte as bitsandbytes' CUDA kernels produce them. To read or write
+//! whole checkpoint files use `qlora-checkpoint`; for everything at once, the `qlora-nf4` facade.
+//!
+//! # The format
+//!
+//! A tensor of `n` elements (flattened row-major) is cut into blocks of `blocksize` elements
+//! (32, 64, …, 4096; the last block may be partial). Per block:
+//!
+//! * `absmax = max |x|` in f32 (NaN ignored);
+//! * each element is normalized as `xn = x * (1/absmax)` in f32 and mapped to a 4-bit code by
+//!   bitsandbytes' decision tree (strict `>`: a value exactly on a threshold takes the lower code);
+//! * codes are packed two per byte, **element 2k in the high nibble of byte k**; an odd length
+//!   pads the last low nibble with the code of 0.
+//!
+//! Dequantization is `T(f32(table[code] * absmax))` with round-to-nearest-even to f16/bf16. With
+//! double quantization the absmax values are themselves stored as 8-bit codes (see
+//! [`qlora_double_quant`]).
+//!
+//! Degenerate blocks follow the CUDA kernels (bitsandbytes' checkpoints were written by them; its
+//! CPU path differs, see `docs/numerics.md`):
+//!
+//! | input | codes | dequantized |
+//! |---|---|---|
+//! | all-zero block | NF4 0 / FP4 0 (`0 · (1/0)` is NaN, which no threshold exceeds): bytes `0x00` | NF4 −0.0, FP4 +0.0 |
+//! | NaN element | 0 (ignored by the absmax) | −absmax (NF4) / +0.0 (FP4) |
+//! | ±Inf element | absmax = +inf; the inf itself → 0, finite values → NF4 7 / FP4 0 | the block is lost (NaN / ±inf) |
+//!
+//! # Example
+//!
+//! ```
+//! use qlora_codec::{QuantizeOptions, QuantizedTensor, QuantType};
+//!
+//! let weight: Vec<f32> = (0..16384).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+//! let q = QuantizedTensor::quantize(&weight, &[128, 128], QuantizeOptions::qlora())?;
+//! assert_eq!(q.quant_type(), QuantType::Nf4);
+//! assert_eq!(q.packed().len(), 8192);                  // two codes per byte
+//! assert!((q.bits_per_param() - 4.127).abs() < 0.01);  // NF4 + double quant at block 64
+//! let back: Vec<f32> = q.dequantize()?;
+//! let max_err = weight.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+//! assert!(max_err < 0.16);  // ≤ absmax · (half the widest NF4 gap)
+//! # Ok::<(), qlora_codec::Error>(())
+//! ```
+//!
+//! # Numbers
+//!
+//! | format (block 64) | bits per parameter |
+//! |---|---|
+//! | bf16 | 16 |
+//! | NF4/FP4, f32 absmax | 4.5 |
+//! | NF4/FP4, double quant | 4.127 |
+//!
+//! Error bound: `|x − deq(q(x))| ≤ absmax · g/2` where `g` is the widest gap between adjacent
+//! codes ([`QuantType::max_half_gap`]: 0.1519 for NF4, 0.1667 for FP4), plus the rounding of the
+//! output dtype.
+//!
+//! # Features
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `testing` | proptest strategies and the oracle, for downstream property tests |
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod codebook;
+pub mod int4;
+pub mod scalar;
+mod tensor;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+pub use qlora_double_quant::{DoubleQuantAbsmax, NESTED_BLOCKSIZE};
+pub use tensor::{Absmax, QuantizeOptions, QuantizedTensor};
+
+/// Block sizes bitsandbytes supports for 4-bit quantization.
+pub const BLOCK_SIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
+
+/// Inputs with at least this many elements are split across the rayon pool.
+pub const PARALLEL_THRESHOLD: usize = 1 << 18;
+
+/// Errors of this crate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A block size bitsandbytes does not support.
+    #[error("block size {0} is not supported (expected a power of two from 32 to 4096)")]
+    BlockSize(usize),
+    /// Buffers whose lengths do not fit together.
+    #[error("length mismatch for {what}: expected {expected}, found {found}")]
+    Length {
+        /// Which buffer.
+        what: &'static str,
+        /// The length the other inputs require.
+        expected: usize,
+        /// The length given.
+        found: usize,
+    },
+    /// A shape whose element count does not fit the data.
+    #[error("shape {shape:?} has {numel} elements but the data holds {found}")]
+    Shape {
+        /// The declared shape.
+        shape: Vec<usize>,
+        /// Its product.
+        numel: usize,
+        /// Elements present.
+        found: usize,
+    },
+    /// A quantization type name that is not `nf4` or `fp4`.
+    #[error("unknown 4-bit quantization type {0:?} (expected \"nf4\" or \"fp4\")")]
+    QuantType(String),
+    /// A dtype name that is not a supported float type.
+    #[error("unsupported dtype {0:?} (expected float32, float16 or bfloat16)")]
+    Dtype(String),
+    /// A range outside the tensor.
+    #[error("element range {start}..{end} is outside a tensor of {numel} elements")]
+    Range {
+        /// First element.
+        start: usize,
+        /// One past the last element.
+        end: usize,
+        /// Elements in the tensor.
+        numel: usize,
+    },
+}
+
+/// The 4-bit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantType {
+    /// NormalFloat4: quantiles of the standard normal (QLoRA). The default for QLoRA.
+    Nf4,
+    /// FP4 (e2m1) in bitsandbytes' bit-pattern order. bitsandbytes' default when unspecified.
+    Fp4,
+}
+
+impl QuantType {
+    /// The name used in checkpoints: `"nf4"` or `"fp4"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuantType::Nf4 => "nf4",
+            QuantType::Fp4 => "fp4",
+        }
+    }
+
+    /// Parse `"nf4"` / `"fp4"`.
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        match s {
+            "nf4" => Ok(QuantType::Nf4),
+            "fp4" => Ok(QuantType::Fp4),
+            other => Err(Error::QuantType(other.to_string())),
+        }
+    }
+
+    /// The 16 values codes dequantize to, as the CUDA kernels apply them.
+    pub fn table(self) -> &'static [f32; 16] {
+        match self {
+            QuantType::Nf4 => &codebook::NF4_TABLE,
+            QuantType::Fp4 => &codebook::FP4_TABLE,
+        }
+    }
+
+    /// The `quant_map` bitsandbytes stores in checkpoints (differs from [`table`](Self::table)
+    /// only in FP4's code 8, +0.0 instead of −0.0).
+    pub fn quant_map(self) -> &'static [f32; 16] {
+        match self {
+            QuantType::Nf4 => &codebook::NF4_TABLE,
+            QuantType::Fp4 => &codebook::FP4_QUANT_MAP,
+        }
+    }
+
+    /// The code chooser for normalized values.
+    pub fn encoder(self) -> fn(f32) -> u8 {
+        match self {
+            QuantType::Nf4 => codebook::encode_nf4,
+            QuantType::Fp4 => codebook::encode_fp4,
+        }
+    }
+
+    /// Half the widest gap between adjacent code values: the worst-case error of one element
+    /// relative to its block's absmax.
+    pub fn max_half_gap(self) -> f32 {
+        let mut v: Vec<f32> = self.table().to_vec();
+        v.sort_by(f32::total_cmp);
+        v.windows(2).map(|w| w[1] - w[0]).fold(0.0, f32::max) / 2.0
+    }
+
+    /// The code of 0.0 in a block with non-zero absmax (the padding nibble of odd lengths).
+    pub fn zero_code(self) -> u8 {
+        (self.encoder())(0.0)
+    }
+}
+
+/// Floating-point element types that can be quantized and that dequantization writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl Dtype {
+    /// The name bitsandbytes writes into the quant-state JSON (`str(torch.dtype)` without the
+    /// `torch.` prefix).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "float32",
+            Dtype::F16 => "float16",
+            Dtype::BF16 => "bfloat16",
+        }
+    }
+
+    /// Parse a torch dtype name (`float32`, `float16`, `bfloat16`).
+    pub fn from_torch_name(s: &str) -> Result<Self, Error> {
+        match s {
+            "float32" => Ok(Dtype::F32),
+            "float16" => Ok(Dtype::F16),
+            "bfloat16" => Ok(Dtype::BF16),
+            other => Err(Error::Dtype(other.to_string())),
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+        }
+    }
+}
+
+/// A float element type: conversion to f32 is exact; conversion from f32 rounds to nearest even.
+pub trait Element:
+    Copy + Send + Sync + PartialEq + std::fmt::Debug + bytemuck::Pod + 'static
+{
+    /// The dtype tag.
+    const DTYPE: Dtype;
+    /// Exact widening.
+    fn to_f32(self) -> f32;
+    /// Narrowing with round-to-nearest-even (NaN stays NaN).
+    fn from_f32(x: f32) -> Self;
+}
+
+impl Element for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl Element for f16 {
+    const DTYPE: Dtype = Dtype::F16;
+    #[inline]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline]
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+impl Element for bf16 {
+    const DTYPE: Dtype = Dtype::BF16;
+    #[inline]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline]
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+/// Borrowed per-block absmax values, plain or double-quantized.
+#[derive(Debug, Clone, Copy)]
+pub enum AbsmaxView<'a> {
+    /// One f32 per block.
+    F32(&'a [f32]),
+    /// Double-quantized: one code per block, one f32 per 256 blocks, a global offset.
+    Double {
+        /// Signed-dynamic-map codes, one per block.
+        codes: &'a [u8],
+        /// Nested scales, one per 256 blocks.
+        nested_absmax: &'a [f32],
+        /// The mean offset.
+        offset: f32,
+    },
+}
+
+impl AbsmaxView<'_> {
+    /// Number of blocks described.
+    pub fn len(&self) -> usize {
+        match self {
+            AbsmaxView::F32(a) => a.len(),
+            AbsmaxView::Double { codes, .. } => codes.len(),
+        }
+    }
+
+    /// True when no block is described.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The absmax of block `j` (reconstructed from double quantization where needed).
+    ///
+    /// # Panics
+    /// If `j` is out of range.
+    #[inline]
+    pub fn get(&self, j: usize) -> f32 {
+        match self {
+            AbsmaxView::F32(a) => a[j],
+            AbsmaxView::Double {
+                codes,
+                nested_absmax,
+                offset,
+            } => qlora_double_quant::reconstruct_absmax(
+                codes[j],
+                nested_absmax[j / NESTED_BLOCKSIZE],
+                *offset,
+            ),
+        }
+    }
+
+    fn validate(&self, blocks: usize) -> Result<(), Error> {
+        check_len("absmax", blocks, self.len())?;
+        if let AbsmaxView::Double { nested_absmax, .. } = self {
+            check_len(
+                "nested_absmax",
+                blocks.div_ceil(NESTED_BLOCKSIZE),
+                nested_absmax.len(),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Check a 4-bit block size: a power of two from 32 to 4096.
+pub fn check_blocksize(blocksize: usize) -> Result<(), Error> {
+    if BLOCK_SIZES.contains(&blocksize) {
+        Ok(())
+    } else {
+        Err(Error::BlockSize(blocksize))
+    }
+}
+
+pub(crate) fn check_len(what: &'static str, expected: usize, found: usize) -> Result<(), Error> {
+    if expected == found {
+        Ok(())
+    } else {
+        Err(Error::Length {
+            what,
+            expected,
+            found,
+        })
+    }
+}
+
+/// Bytes of packed codes for `n` elements: `ceil(n / 2)`.
+#[inline]
+pub fn packed_len(n: usize) -> usize {
+    n.div_ceil(2)
+}
+
+/// Number of blocks for `n` elements.
+#[inline]
+pub fn num_blocks(n: usize, blocksize: usize) -> usize {
+    n.div_ceil(blocksize)
+}
+
+/// Blocks per parallel work item: enough elements that a task is worth scheduling.
+fn blocks_per_task(blocksize: usize) -> usize {
+    (PARALLEL_THRESHOLD / 4 / blocksize).max(1)
+}
+
+/// Quantize `input` into caller-provided buffers (no allocation): `packed` holds
+/// [`packed_len`]`(n)` bytes, `absmax` [`num_blocks`]`(n, blocksize)` values.
+///
+/// Large inputs run on the rayon pool over ranges of whole blocks; the result never depends on the
+/// threading.
+pub fn quantize_into<T: Element>(
+    quant_type: QuantType,
+    input: &[T],
+    blocksize: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) -> Result<(), Error> {
+    check_blocksize(blocksize)?;
+    let n = input.len();
+    check_len("packed", packed_len(n), packed.len())?;
+    check_len("absmax", num_blocks(n, blocksize), absmax.len())?;
+    if n < PARALLEL_THRESHOLD {
+        scalar::quantize_blocks(quant_type, input, blocksize, packed, absmax);
+        return Ok(());
+    }
+    let bpt = blocks_per_task(blocksize);
+    input
+        .par_chunks(bpt * blocksize)
+        .zip(packed.par_chunks_mut(bpt * blocksize / 2))
+        .zip(absmax.par_chunks_mut(bpt))
+        .for_each(|((x, p), a)| scalar::quantize_blocks(quant_type, x, blocksize, p, a));
+    Ok(())
+}
+
+/// Dequantize a whole tensor into `out` (its length is the element count) without allocating.
+pub fn dequantize_into<T: Element>(
+    quant_type: QuantType,
+    packed: &[u8],
+    absmax: AbsmaxView<'_>,
+    blocksize: usize,
+    out: &mut [T],
+) -> Result<(), Error> {
+    check_blocksize(blocksize)?;
+    let n = out.len();
+    check_len("packed", packed_len(n), packed.len())?;
+    absmax.validate(num_blocks(n, blocksize))?;
+    if n < PARALLEL_THRESHOLD {
+        scalar::dequantize_range(quant_type, packed, absmax, blocksize, 0, out);
+        return Ok(());
+    }
+    let chunk = blocks_per_task(blocksize) * blocksize;
+    out.par_chunks_mut(chunk).enumerate().for_each(|(k, o)| {
+        scalar::dequantize_range(quant_type, packed, absmax, blocksize, k * chunk, o)
+    });
+    Ok(())
+}
+
+/// Dequantize elements `start .. start + out.len()` of a tensor of `n` elements (for tile-by-tile
+/// use inside a matrix product; `start` need not be block-aligned).
+pub fn dequantize_range_into<T: Element>(
+    quant_type: QuantType,
+    packed: &[u8],
+    absmax: AbsmaxView<'_>,
+    blocksize: usize,
+    n: usize,
+    start: usize,
+    out: &mut [T],
+) -> Result<(), Error> {
+    check_blocksize(blocksize)?;
+    check_len("packed", packed_len(n), packed.len())?;
+    absmax.validate(num_blocks(n, blocksize))?;
+    let end = start.checked_add(out.len()).filter(|&e| e <= n);
+    let Some(_) = end else {
+        return Err(Error::Range {
+            start,
+            end: start.saturating_add(out.len()),
+            numel: n,
+        });
+    };
+    scalar::dequantize_range(quant_type, packed, absmax, blocksize, start, out);
+    Ok(())
+}
