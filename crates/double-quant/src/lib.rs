@@ -470,7 +470,11 @@ mod tests {
     fn maps_are_sorted_and_anchored() {
         for map in [DynamicMap::signed(), DynamicMap::unsigned()] {
             let v = map.values();
-            assert!(v.windows(2).all(|w| w[0] < w[1]), "{:?} not strictly sorted", map.kind());
+            assert!(
+                v.windows(2).all(|w| w[0] < w[1]),
+                "{:?} not strictly sorted",
+                map.kind()
+            );
             assert_eq!(v[255], 1.0);
         }
         let s = DynamicMap::signed().values();
@@ -507,7 +511,9 @@ mod tests {
 
     #[test]
     fn nested_roundtrip_error_is_small() {
-        let absmax: Vec<f32> = (0..5000).map(|i| 0.01 + ((i * 37) % 101) as f32 * 1e-4).collect();
+        let absmax: Vec<f32> = (0..5000)
+            .map(|i| 0.01 + ((i * 37) % 101) as f32 * 1e-4)
+            .collect();
         let dq = DoubleQuantAbsmax::compress(&absmax);
         dq.validate().unwrap();
         assert_eq!(dq.nested_absmax.len(), 20);
