@@ -34,6 +34,7 @@ def save_file(tensors, path, metadata):
     in a random order and the files would not be byte-reproducible."""
     _st_save_file(tensors, path, metadata={"info": json.dumps(metadata, sort_keys=True)})
 
+
 CPU = torch.device("cpu")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -52,10 +53,6 @@ FP4_CUDA_LITERALS = np.array([0.00260417, 0.0859375, 0.20833333, 0.29166667,
 
 
 # --------------------------------------------------------------------------- helpers
-def f32(a):
-    return np.asarray(a, dtype=np.float32)
-
-
 def representable_neighbours(t, dtype):
     """For an f32 value t != 0, return (below, exact_or_None, above): the largest value
     of `dtype` strictly below t, t itself if `dtype` represents it exactly, and the
