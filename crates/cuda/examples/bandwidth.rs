@@ -1,0 +1,2 @@
+//! Bandwidth table (being written).
+fn main() {}

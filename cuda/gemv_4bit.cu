@@ -1,0 +1,79 @@
+/*
+ * gemv_4bit.cu -- fused NF4/FP4 dequantize + matrix-vector (small batch) product
+ * (the role of bnb kgemm_4bit_inference_naive, section 8, with f32 dequantization).
+ *
+ * Launch contract:
+ *   kernels  gemv_4bit_f32 / _f16 / _bf16
+ *            (const T* a, const unsigned char* packed_w, const float* absmax,
+ *             const unsigned char* qabsmax, const float* nested_absmax,
+ *             const float* nested_code, T* out, QloraGemv4Args args)
+ *   block    QLORA_GEMV_WARPS * 32 = 128 threads
+ *   grid     ceil(out_features / 4)
+ *   owns     warp w of CUDA block b computes output feature j = 4b + w for all rows; lane l
+ *            takes the in-features k = l, l + 32, ...; lanes' partial sums are combined with a
+ *            butterfly shuffle and lane 0 stores out[m * N + j]
+ *   shapes   a: [rows, K] row-major, W: [N, K] row-major quantized as one flat tensor of N*K
+ *            elements (element (j, k) is flat index j*K + k), out: [rows, N];
+ *            rows in 1..QLORA_GEMV_MAX_ROWS
+ *
+ * Weights are dequantized in f32 exactly as dequantize_4bit does (w = f32(code * scale)),
+ * products a*w are f32 and accumulated in f32 (order: per lane in k order, then the butterfly),
+ * the sum is converted to T with round-to-nearest-even. Not bitwise equal to a CPU dot product
+ * in another summation order; compare with a tolerance.
+ */
+#include "qlora_kernels.h"
+#include "common.cuh"
+
+template <typename T>
+__device__ void gemv_4bit(const T* __restrict__ a, const unsigned char* __restrict__ packed_w,
+                          const float* __restrict__ absmax,
+                          const unsigned char* __restrict__ qabsmax,
+                          const float* __restrict__ nested_absmax,
+                          const float* __restrict__ nested_code, T* __restrict__ out,
+                          QloraGemv4Args args) {
+    const unsigned int warp = threadIdx.x / 32;
+    const unsigned int lane = threadIdx.x & 31u;
+    const u64 j = (u64)blockIdx.x * QLORA_GEMV_WARPS + warp;
+    if (j >= args.out_features) return;  // whole warp leaves together
+    const u64 K = args.in_features;
+    const unsigned int rows = args.rows;
+
+    float acc[QLORA_GEMV_MAX_ROWS];
+    for (unsigned int m = 0; m < QLORA_GEMV_MAX_ROWS; ++m) acc[m] = 0.0f;
+
+    u64 cached_block = ~0ull;
+    float scale = 0.0f;
+    for (u64 k = lane; k < K; k += 32) {
+        const u64 e = j * K + k;
+        const u64 blk = e / args.blocksize;
+        if (blk != cached_block) {
+            scale = block_scale(blk, absmax, qabsmax, nested_absmax, nested_code,
+                                args.double_quant, args.offset);
+            cached_block = blk;
+        }
+        const unsigned int byte = packed_w[e >> 1];
+        const unsigned int code = (e & 1ull) ? (byte & 15u) : (byte >> 4);
+        const float w = __fmul_rn(dequantize_4bit_code(code, args.quant_type), scale);
+        for (unsigned int m = 0; m < QLORA_GEMV_MAX_ROWS; ++m) {
+            if (m < rows) acc[m] = __fadd_rn(acc[m], __fmul_rn(to_f32(a[m * K + k]), w));
+        }
+    }
+    for (unsigned int m = 0; m < QLORA_GEMV_MAX_ROWS; ++m) {
+        float v = acc[m];
+        for (unsigned int offset = 16; offset > 0; offset /= 2) {
+            v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, offset));
+        }
+        if (lane == 0 && m < rows) out[(u64)m * args.out_features + j] = from_f32<T>(v);
+    }
+}
+
+#define QLORA_GEMV4(SUFFIX, T)                                                                   \
+    extern "C" __global__ void __launch_bounds__(QLORA_GEMV_WARPS * 32)                          \
+    gemv_4bit_##SUFFIX(const T* a, const unsigned char* packed_w, const float* absmax,           \
+                       const unsigned char* qabsmax, const float* nested_absmax,                 \
+                       const float* nested_code, T* out, QloraGemv4Args args) {                  \
+        gemv_4bit<T>(a, packed_w, absmax, qabsmax, nested_absmax, nested_code, out, args);       \
+    }
+QLORA_GEMV4(f32, float)
+QLORA_GEMV4(f16, f16_t)
+QLORA_GEMV4(bf16, bf16_t)
