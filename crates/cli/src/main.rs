@@ -1,0 +1,38 @@
+//! `qlora`: quantize, dequantize and inspect bitsandbytes 4-bit checkpoints without Python.
+#![forbid(unsafe_code)]
+
+mod convert;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// QLoRA building blocks on the command line: 4-bit checkpoints bit-exact with bitsandbytes.
+#[derive(Debug, Parser)]
+#[command(name = "qlora", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Quantize the linear-layer weights of a safetensors file to NF4/FP4 (bitsandbytes layout).
+    Quantize(convert::QuantizeArgs),
+    /// Write every 4-bit weight of a safetensors file back as a dense tensor.
+    Dequantize(convert::DequantizeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Quantize(args) => convert::quantize(args),
+        Command::Dequantize(args) => convert::dequantize(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
