@@ -12,10 +12,10 @@
  *
  * Per element, f32, in this order (IEEE ops, no FMA contraction):
  *   c1, c2 = the host-computed bias corrections of QloraAdamArgs; step_size = (-lr * c2) / c1
- *   g = gnorm_scale * g
+ *   g = T(gnorm_scale * g)          (bnb scales g in place, in its own type T)
  *   if !skip_zeros || g != 0:
  *     s1 = s1 * beta1 + (1 - beta1) * g
- *     s2 = s2 * beta2 + ((1 - beta2) * g) * g
+ *     s2 = s2 * beta2 + (1 - beta2) * (g * g)
  *     p  = T(p + step_size * (s1 / (sqrtf(s2) + eps * c2)))
  *     if weight_decay > 0: p = T(p * (1 - lr * weight_decay))   (decoupled, after the step)
  * Non-finite gradients are not masked here (bnb's 32-bit kernel does not mask them either).
@@ -34,12 +34,12 @@ __device__ void adam32bit_step(T* __restrict__ p, const T* __restrict__ g,
     for (unsigned int k = 0; k < QLORA_OPT32_ITEMS; ++k) {
         const u64 i = base + (u64)k * QLORA_OPT32_THREADS;
         if (i >= a.n) return;
-        const float grad = a.gnorm_scale * to_f32(g[i]);
+        const float grad = to_f32(from_f32<T>(a.gnorm_scale * to_f32(g[i])));
         if (a.skip_zeros && grad == 0.0f) continue;
         float s1 = state1[i];
         float s2 = state2[i];
         s1 = s1 * a.beta1 + (1.0f - a.beta1) * grad;
-        s2 = s2 * a.beta2 + ((1.0f - a.beta2) * grad) * grad;
+        s2 = s2 * a.beta2 + (1.0f - a.beta2) * (grad * grad);
         float pf = to_f32(p[i]);
         pf = pf + step_size * (s1 / (sqrtf(s2) + a.eps * c2));
         T updated = from_f32<T>(pf);
