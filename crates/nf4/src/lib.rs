@@ -59,22 +59,38 @@
 //! codes ([`QuantType::max_half_gap`]: 0.1519 for NF4, 0.1667 for FP4), plus the rounding of the
 //! output dtype.
 //!
+//! # CPU kernels
+//!
+//! [`quantize_into`], [`dequantize_into`] and [`dequantize_range_into`] run the fastest
+//! [`Implementation`] of the CPU, picked once at first use: AVX-512 (F + BW: one `vpermd`/`vpermw`
+//! table lookup per 64-byte output vector, streaming stores for outputs ≥ 16 MiB), AVX2 + F16C,
+//! NEON on aarch64, else the safe scalar oracle ([`scalar`]). Every implementation produces the
+//! oracle's bytes (tested for each one the machine has); `QLORA_FORCE_SCALAR=1` in the environment
+//! forces the oracle, and [`Implementation`]'s methods run a chosen one. Tensors of at least
+//! [`PARALLEL_THRESHOLD`] elements are split over the rayon pool in ranges of whole blocks.
+//! `qlora bench` prints the throughput on the machine at hand.
+//!
 //! # Features
 //!
 //! | feature | what it adds |
 //! |---|---|
 //! | `testing` | proptest strategies and the oracle, for downstream property tests |
-#![forbid(unsafe_code)]
+// `unsafe` is confined to the SIMD kernels in `arch`; everything else is safe code.
+#![deny(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[allow(unsafe_code)]
+mod arch;
 pub mod codebook;
 pub mod int4;
+mod kernel;
 pub mod scalar;
 mod tensor;
 
 use half::{bf16, f16};
-use rayon::prelude::*;
 
+pub use kernel::Implementation;
 pub use qlora_double_quant::{DoubleQuantAbsmax, NESTED_BLOCKSIZE};
 pub use tensor::{Absmax, QuantizeOptions, QuantizedTensor};
 
@@ -379,16 +395,44 @@ pub fn num_blocks(n: usize, blocksize: usize) -> usize {
     n.div_ceil(blocksize)
 }
 
-/// Blocks per parallel work item: enough elements that a task is worth scheduling.
-fn blocks_per_task(blocksize: usize) -> usize {
-    (PARALLEL_THRESHOLD / 4 / blocksize).max(1)
+pub(crate) fn validate_quantize(
+    n: usize,
+    blocksize: usize,
+    packed: &[u8],
+    absmax: &[f32],
+) -> Result<(), Error> {
+    check_blocksize(blocksize)?;
+    check_len("packed", packed_len(n), packed.len())?;
+    check_len("absmax", num_blocks(n, blocksize), absmax.len())
+}
+
+pub(crate) fn validate_dequantize(
+    packed: &[u8],
+    absmax: AbsmaxView<'_>,
+    blocksize: usize,
+    n: usize,
+    start: usize,
+    len: usize,
+) -> Result<(), Error> {
+    check_blocksize(blocksize)?;
+    check_len("packed", packed_len(n), packed.len())?;
+    absmax.validate(num_blocks(n, blocksize))?;
+    match start.checked_add(len) {
+        Some(end) if end <= n => Ok(()),
+        _ => Err(Error::Range {
+            start,
+            end: start.saturating_add(len),
+            numel: n,
+        }),
+    }
 }
 
 /// Quantize `input` into caller-provided buffers (no allocation): `packed` holds
 /// [`packed_len`]`(n)` bytes, `absmax` [`num_blocks`]`(n, blocksize)` values.
 ///
-/// Large inputs run on the rayon pool over ranges of whole blocks; the result never depends on the
-/// threading.
+/// Runs the fastest [`Implementation`] of this CPU (AVX-512, AVX2, NEON, else the scalar oracle;
+/// all produce the same bytes). Large inputs run on the rayon pool over ranges of whole blocks;
+/// the result never depends on the threading.
 pub fn quantize_into<T: Element>(
     quant_type: QuantType,
     input: &[T],
@@ -396,24 +440,13 @@ pub fn quantize_into<T: Element>(
     packed: &mut [u8],
     absmax: &mut [f32],
 ) -> Result<(), Error> {
-    check_blocksize(blocksize)?;
-    let n = input.len();
-    check_len("packed", packed_len(n), packed.len())?;
-    check_len("absmax", num_blocks(n, blocksize), absmax.len())?;
-    if n < PARALLEL_THRESHOLD {
-        scalar::quantize_blocks(quant_type, input, blocksize, packed, absmax);
-        return Ok(());
-    }
-    let bpt = blocks_per_task(blocksize);
-    input
-        .par_chunks(bpt * blocksize)
-        .zip(packed.par_chunks_mut(bpt * blocksize / 2))
-        .zip(absmax.par_chunks_mut(bpt))
-        .for_each(|((x, p), a)| scalar::quantize_blocks(quant_type, x, blocksize, p, a));
-    Ok(())
+    Implementation::active().quantize_into(quant_type, input, blocksize, packed, absmax)
 }
 
 /// Dequantize a whole tensor into `out` (its length is the element count) without allocating.
+///
+/// Double-quantized absmax values are reconstructed block by block inside the kernel (no
+/// separate pass). Runs the fastest [`Implementation`] of this CPU, on the rayon pool when large.
 pub fn dequantize_into<T: Element>(
     quant_type: QuantType,
     packed: &[u8],
@@ -421,23 +454,11 @@ pub fn dequantize_into<T: Element>(
     blocksize: usize,
     out: &mut [T],
 ) -> Result<(), Error> {
-    check_blocksize(blocksize)?;
-    let n = out.len();
-    check_len("packed", packed_len(n), packed.len())?;
-    absmax.validate(num_blocks(n, blocksize))?;
-    if n < PARALLEL_THRESHOLD {
-        scalar::dequantize_range(quant_type, packed, absmax, blocksize, 0, out);
-        return Ok(());
-    }
-    let chunk = blocks_per_task(blocksize) * blocksize;
-    out.par_chunks_mut(chunk).enumerate().for_each(|(k, o)| {
-        scalar::dequantize_range(quant_type, packed, absmax, blocksize, k * chunk, o)
-    });
-    Ok(())
+    Implementation::active().dequantize_into(quant_type, packed, absmax, blocksize, out)
 }
 
 /// Dequantize elements `start .. start + out.len()` of a tensor of `n` elements (for tile-by-tile
-/// use inside a matrix product; `start` need not be block-aligned).
+/// use inside a matrix product; `start` need not be block-aligned). Single-threaded.
 pub fn dequantize_range_into<T: Element>(
     quant_type: QuantType,
     packed: &[u8],
@@ -447,17 +468,6 @@ pub fn dequantize_range_into<T: Element>(
     start: usize,
     out: &mut [T],
 ) -> Result<(), Error> {
-    check_blocksize(blocksize)?;
-    check_len("packed", packed_len(n), packed.len())?;
-    absmax.validate(num_blocks(n, blocksize))?;
-    let end = start.checked_add(out.len()).filter(|&e| e <= n);
-    let Some(_) = end else {
-        return Err(Error::Range {
-            start,
-            end: start.saturating_add(out.len()),
-            numel: n,
-        });
-    };
-    scalar::dequantize_range(quant_type, packed, absmax, blocksize, start, out);
-    Ok(())
+    Implementation::active()
+        .dequantize_range_into(quant_type, packed, absmax, blocksize, n, start, out)
 }

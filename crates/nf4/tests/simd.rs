@@ -1,0 +1,371 @@
+//! Every implementation this machine can run (AVX-512, AVX2, NEON, …) against the scalar oracle,
+//! byte for byte: lengths around vector and block boundaries, every block size, every dtype,
+//! NF4 and FP4, plain and double-quantized absmax, unaligned range starts and unaligned output
+//! buffers, special values (NaN, ±Inf, ±0, subnormals, all-zero blocks, values on thresholds) and
+//! arbitrary absmax bit patterns. Implementations the CPU lacks are skipped (and listed).
+
+use half::{bf16, f16};
+use qlora_codec::{
+    codebook, scalar, AbsmaxView, Element, Implementation, QuantType, BLOCK_SIZES,
+    PARALLEL_THRESHOLD,
+};
+
+const QUANT_TYPES: [QuantType; 2] = [QuantType::Nf4, QuantType::Fp4];
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+fn fast_impls() -> Vec<Implementation> {
+    let all = Implementation::available();
+    eprintln!("implementations available here: {all:?}");
+    all.into_iter()
+        .filter(|&i| i != Implementation::Scalar)
+        .collect()
+}
+
+/// Lengths that probe vector (8/16/32) and block boundaries.
+fn lengths(bs: usize) -> Vec<usize> {
+    let mut v = vec![0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 65];
+    for k in [1, 2, 3] {
+        v.extend([k * bs - 1, k * bs, k * bs + 1, k * bs + 17, k * bs + 31]);
+    }
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Mostly smooth random values with special values sprinkled in; some blocks all zero, some
+/// holding the NF4/FP4 thresholds exactly (with absmax 1 so that `x · (1/absmax)` is exact).
+fn special_input(n: usize, bs: usize, rng: &mut Rng) -> Vec<f32> {
+    let specials = [
+        f32::NAN,
+        -f32::NAN,
+        f32::from_bits(0x7f80_0001), // signalling NaN
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        0.0,
+        -0.0,
+        f32::from_bits(1),            // smallest subnormal
+        -f32::from_bits(0x007f_ffff), // largest subnormal
+        f32::MIN_POSITIVE,
+        f32::MAX,
+        -f32::MAX,
+        1.0,
+        -1.0,
+    ];
+    let mut x: Vec<f32> = (0..n)
+        .map(|_| {
+            let r = rng.next();
+            match r % 97 {
+                0..=3 => specials[(r >> 8) as usize % specials.len()],
+                _ => (rng.unit() * 2.0 - 1.0) * 10f32.powi((r >> 20) as i32 % 7 - 3),
+            }
+        })
+        .collect();
+    for (b, block) in x.chunks_mut(bs).enumerate() {
+        match b % 5 {
+            1 => block.fill(0.0),
+            2 => {
+                // Exactly on thresholds and codebook values, absmax exactly 1.
+                for (i, v) in block.iter_mut().enumerate() {
+                    let t = &codebook::NF4_THRESHOLDS;
+                    let f = &codebook::FP4_THRESHOLDS;
+                    *v = match i % 4 {
+                        0 => t[i / 4 % 15],
+                        1 => f[i / 4 % 7],
+                        2 => -f[i / 4 % 7],
+                        _ => codebook::NF4_TABLE[i / 4 % 16],
+                    };
+                }
+                block[0] = 1.0;
+            }
+            _ => {}
+        }
+    }
+    x
+}
+
+fn bits<T: Element>(v: &[T]) -> Vec<u8> {
+    bytemuck::cast_slice(v).to_vec()
+}
+
+fn convert<T: Element>(x: &[f32]) -> Vec<T> {
+    x.iter().map(|&v| T::from_f32(v)).collect()
+}
+
+fn check_quantize<T: Element>(imp: Implementation, qt: QuantType, x: &[T], bs: usize) {
+    let n = x.len();
+    let (mut p1, mut a1) = (vec![0xa5u8; n.div_ceil(2)], vec![-7.0f32; n.div_ceil(bs)]);
+    let (mut p2, mut a2) = (vec![0x5au8; n.div_ceil(2)], vec![7.0f32; n.div_ceil(bs)]);
+    imp.quantize_into(qt, x, bs, &mut p1, &mut a1).unwrap();
+    scalar::quantize_blocks(qt, x, bs, &mut p2, &mut a2);
+    assert_eq!(
+        p1,
+        p2,
+        "{imp} quantize codes {qt:?} {:?} n={n} bs={bs}",
+        T::DTYPE
+    );
+    assert_eq!(
+        bits(&a1),
+        bits(&a2),
+        "{imp} quantize absmax {qt:?} {:?} n={n} bs={bs}",
+        T::DTYPE
+    );
+}
+
+fn check_dequantize<T: Element>(
+    imp: Implementation,
+    qt: QuantType,
+    packed: &[u8],
+    absmax: AbsmaxView<'_>,
+    bs: usize,
+    n: usize,
+) {
+    let mut o1 = vec![T::from_f32(7.0); n];
+    let mut o2 = vec![T::from_f32(-7.0); n];
+    imp.dequantize_into(qt, packed, absmax, bs, &mut o1)
+        .unwrap();
+    scalar::dequantize_range(qt, packed, absmax, bs, 0, &mut o2);
+    assert_eq!(
+        bits(&o1),
+        bits(&o2),
+        "{imp} dequantize {qt:?} {:?} n={n} bs={bs}",
+        T::DTYPE
+    );
+}
+
+/// Ranges with unaligned starts, written into output buffers at every alignment offset.
+fn check_ranges<T: Element>(
+    imp: Implementation,
+    qt: QuantType,
+    packed: &[u8],
+    absmax: AbsmaxView<'_>,
+    bs: usize,
+    n: usize,
+) {
+    let starts = [0, 1, 2, 3, 15, 16, 17, 31, 33, bs - 1, bs, bs + 1, bs + 33];
+    let lens = [
+        0,
+        1,
+        2,
+        17,
+        31,
+        32,
+        33,
+        64,
+        95,
+        bs + 3,
+        2 * bs + 41,
+        usize::MAX,
+    ];
+    let mut buf = vec![T::from_f32(0.0); n + 64];
+    let mut oracle = vec![T::from_f32(0.0); n];
+    for &start in starts.iter().filter(|&&s| s <= n) {
+        for &len in &lens {
+            let len = len.min(n - start);
+            scalar::dequantize_range(qt, packed, absmax, bs, start, &mut oracle[..len]);
+            for offset in [0, 1, 3, 8, 17] {
+                let out = &mut buf[offset..offset + len];
+                imp.dequantize_range_into(qt, packed, absmax, bs, n, start, out)
+                    .unwrap();
+                assert_eq!(
+                    bits(out),
+                    bits(&oracle[..len]),
+                    "{imp} range {qt:?} {:?} bs={bs} n={n} start={start} len={len} offset={offset}",
+                    T::DTYPE
+                );
+            }
+        }
+    }
+}
+
+fn random_double_quant(blocks: usize, rng: &mut Rng) -> (Vec<u8>, Vec<f32>, f32) {
+    let codes: Vec<u8> = (0..blocks).map(|_| rng.next() as u8).collect();
+    let nested: Vec<f32> = (0..blocks.div_ceil(256))
+        .map(|_| rng.unit() * 3.0 + 0.01)
+        .collect();
+    (codes, nested, rng.unit() * 2.0)
+}
+
+#[test]
+fn quantize_matches_oracle_everywhere() {
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    for imp in fast_impls() {
+        for qt in QUANT_TYPES {
+            for bs in BLOCK_SIZES {
+                for n in lengths(bs) {
+                    let x = special_input(n, bs, &mut rng);
+                    check_quantize(imp, qt, &x, bs);
+                    check_quantize(imp, qt, &convert::<f16>(&x), bs);
+                    check_quantize(imp, qt, &convert::<bf16>(&x), bs);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dequantize_matches_oracle_everywhere() {
+    let mut rng = Rng(0x0bad_cafe_f00d_0001);
+    for imp in fast_impls() {
+        for qt in QUANT_TYPES {
+            for bs in BLOCK_SIZES {
+                for n in lengths(bs) {
+                    let blocks = n.div_ceil(bs);
+                    let packed: Vec<u8> = (0..n.div_ceil(2)).map(|_| rng.next() as u8).collect();
+                    let absmax: Vec<f32> = (0..blocks).map(|_| rng.unit() * 4.0).collect();
+                    let (codes, nested, offset) = random_double_quant(blocks, &mut rng);
+                    let views = [
+                        AbsmaxView::F32(&absmax),
+                        AbsmaxView::Double {
+                            codes: &codes,
+                            nested_absmax: &nested,
+                            offset,
+                        },
+                    ];
+                    for view in views {
+                        check_dequantize::<f32>(imp, qt, &packed, view, bs, n);
+                        check_dequantize::<f16>(imp, qt, &packed, view, bs, n);
+                        check_dequantize::<bf16>(imp, qt, &packed, view, bs, n);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dequantize_ranges_match_oracle() {
+    let mut rng = Rng(0x5eed_0000_0000_0042);
+    for imp in fast_impls() {
+        for qt in QUANT_TYPES {
+            for bs in BLOCK_SIZES {
+                let n = 3 * bs + 77;
+                let blocks = n.div_ceil(bs);
+                let packed: Vec<u8> = (0..n.div_ceil(2)).map(|_| rng.next() as u8).collect();
+                let absmax: Vec<f32> = (0..blocks).map(|_| rng.unit() * 4.0).collect();
+                let (codes, nested, offset) = random_double_quant(blocks, &mut rng);
+                let dq = AbsmaxView::Double {
+                    codes: &codes,
+                    nested_absmax: &nested,
+                    offset,
+                };
+                for view in [AbsmaxView::F32(&absmax), dq] {
+                    check_ranges::<f32>(imp, qt, &packed, view, bs, n);
+                    check_ranges::<f16>(imp, qt, &packed, view, bs, n);
+                    check_ranges::<bf16>(imp, qt, &packed, view, bs, n);
+                }
+            }
+        }
+    }
+}
+
+/// Every absmax bit pattern class (NaN with payloads, ±Inf, subnormals, huge values whose products
+/// overflow f16/bf16, values whose products are rounding ties) through the output conversions.
+#[test]
+fn dequantize_special_absmax_matches_oracle() {
+    let mut rng = Rng(0xdead_beef_0000_0007);
+    let mut absmax: Vec<f32> = vec![
+        f32::NAN,
+        -f32::NAN,
+        f32::from_bits(0x7f80_0001),
+        f32::from_bits(0xffc1_2345),
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        0.0,
+        -0.0,
+        f32::from_bits(1),
+        f32::from_bits(0x0040_0000),
+        f32::MIN_POSITIVE,
+        6.0e-8,
+        65504.0,
+        65520.0,
+        1.0e5,
+        f32::MAX,
+        3.0e38,
+        1.0,
+    ];
+    absmax.extend((0..2000).map(|_| f32::from_bits(rng.next() as u32)));
+    // Products that land on f16 and bf16 rounding ties: absmax = tie / table value.
+    for c in 0..16 {
+        let t = QuantType::Nf4.table()[c];
+        if t != 0.0 {
+            absmax.push(f32::from_bits(0x3f80_8000) / t);
+            absmax.push(f32::from_bits(0x3f80_1000) / t);
+        }
+    }
+    for imp in fast_impls() {
+        for qt in QUANT_TYPES {
+            for bs in [32, 64] {
+                let n = absmax.len() * bs;
+                let packed: Vec<u8> = (0..n / 2).map(|i| (i * 0x11 + i / 8) as u8).collect();
+                let view = AbsmaxView::F32(&absmax);
+                check_dequantize::<f32>(imp, qt, &packed, view, bs, n);
+                check_dequantize::<f16>(imp, qt, &packed, view, bs, n);
+                check_dequantize::<bf16>(imp, qt, &packed, view, bs, n);
+            }
+        }
+    }
+}
+
+/// Large enough for the rayon path and for streaming stores (≥ 16 MiB of output).
+#[test]
+fn large_tensors_match_oracle() {
+    let mut rng = Rng(0x600d_5eed_1234_0003);
+    let n = (5 << 20) + 77;
+    assert!(n > PARALLEL_THRESHOLD);
+    let x: Vec<f32> = (0..n).map(|_| rng.unit() * 2.0 - 1.0).collect();
+    let xb: Vec<bf16> = convert(&x);
+    for imp in fast_impls() {
+        for (qt, bs) in [(QuantType::Nf4, 64), (QuantType::Fp4, 4096)] {
+            check_quantize(imp, qt, &x, bs);
+            check_quantize(imp, qt, &xb, bs);
+            let mut packed = vec![0u8; n.div_ceil(2)];
+            let mut absmax = vec![0f32; n.div_ceil(bs)];
+            scalar::quantize_blocks(qt, &x, bs, &mut packed, &mut absmax);
+            let dq = qlora_codec::DoubleQuantAbsmax::compress(&absmax);
+            for view in [
+                AbsmaxView::F32(&absmax),
+                AbsmaxView::Double {
+                    codes: &dq.codes,
+                    nested_absmax: &dq.nested_absmax,
+                    offset: dq.offset,
+                },
+            ] {
+                check_dequantize::<f32>(imp, qt, &packed, view, bs, n);
+                check_dequantize::<bf16>(imp, qt, &packed, view, bs, n);
+                check_dequantize::<f16>(imp, qt, &packed, view, bs, n);
+            }
+        }
+    }
+}
+
+#[test]
+fn dispatch_reports_a_usable_implementation() {
+    let available = Implementation::available();
+    assert_eq!(available.last(), Some(&Implementation::Scalar));
+    assert!(available.contains(&Implementation::best()));
+    assert!(available.contains(&Implementation::active()));
+    for imp in available {
+        assert!(imp.is_available());
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+            assert!(Implementation::Avx2.is_available());
+        }
+        assert!(!Implementation::Neon.is_available());
+    }
+}
