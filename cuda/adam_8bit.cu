@@ -89,7 +89,7 @@ __device__ void adam8bit_step(T* __restrict__ p, const T* __restrict__ g,
     }
     unsigned char c1_new = quantize_dynamic(smem_q1, s1 / new_absmax1);
     const unsigned char c2_new = quantize_dynamic(smem_q2, s2 / new_absmax2);
-    if (signbit(smem_q1[c1_new]) != signbit(s1)) {
+    if ((signbit(smem_q1[c1_new]) != 0) != (signbit(s1) != 0)) {
         c1_new = (unsigned char)(c1_new + (s1 > 0.0f ? 1 : -1));
     }
     state1[i] = c1_new;
