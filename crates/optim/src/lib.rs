@@ -32,8 +32,16 @@
 //!   [`LrSchedule`]: constant (with warmup), linear, cosine, as transformers defines them.
 //! * State save/load in safetensors under bitsandbytes' names (`state1`, `state2`, `absmax1`,
 //!   `absmax2`, `qmap1`, `qmap2`, `step`), exact resume ([`Adam::save_state`]).
-//! * [`StateStorage`]: where `state1`/`state2` live; [`HostStorage`] by default, a paged pool
-//!   can implement it.
+//! * [`StateStorage`]: where `state1`/`state2` live; [`HostStorage`] by default.
+//!   [`PagedAdam`] (`Adam<PagedStorage>`, bitsandbytes' `PagedAdamW8bit`/`PagedAdamW32bit`) keeps
+//!   the states of parameters with at least 10⁵ elements in a `qlora-paged-alloc` pool and
+//!   prefetches them before each tensor's update; the kernels work on the pool's memory in place.
+//!
+//! # Features
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `cuda` | the CUDA unified-memory backend of the paged pool (`qlora-paged-alloc/cuda`) |
 //!
 //! # Example
 //!
@@ -85,6 +93,7 @@ mod element;
 mod error;
 mod kernel;
 mod optimizer;
+mod paged;
 mod schedule;
 mod state;
 mod storage;
@@ -96,7 +105,9 @@ pub use kernel::{adam_step_32bit, adam_step_8bit, AdamStep, Blockwise8bitMut, PA
 pub use optimizer::{
     write_atomically, Adam, AdamConfig, GroupHyper, GroupOptions, OptimBits, ParamId, ParamUpdate,
 };
+pub use paged::{MaybePaged, PagedAdam, PagedStorage, PAGED_MIN_NUMEL};
 pub use qlora_double_quant::OPTIMIZER_BLOCKSIZE;
+pub use qlora_paged_alloc::{Pool, PoolConfig};
 pub use schedule::{warmup_steps_from_ratio, LrSchedule};
 pub use state::{ParamState, StateKind, StateTensors, TensorData};
 pub use storage::{HostStorage, StateBuffer, StateStorage};

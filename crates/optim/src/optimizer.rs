@@ -12,6 +12,9 @@ use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::path::Path;
 
+/// The safetensors metadata key of a saved optimizer state.
+const META_KEY: &str = "qlora_optim";
+
 /// Bits of the optimizer states (bitsandbytes' `optim_bits`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OptimBits {
@@ -419,31 +422,29 @@ impl<S: StateStorage> Adam<S> {
 
     /// All states as safetensors bytes: parameter `i` (counting through the groups in order, as
     /// torch's `state_dict` does) is saved under `"{i}.state1"`, `"{i}.state2"`, `"{i}.absmax1"`,
-    /// `"{i}.absmax2"`, `"{i}.qmap1"`, `"{i}.qmap2"`, `"{i}.step"`; the header metadata holds each
-    /// group's hyper-parameters and each parameter's size, so [`load_state`](Self::load_state)
-    /// can check that it resumes the same model.
+    /// `"{i}.absmax2"`, `"{i}.qmap1"`, `"{i}.qmap2"`, `"{i}.step"`; the header metadata entry
+    /// `qlora_optim` holds each group's hyper-parameters and each parameter's size as
+    /// `key=value` lines, so [`load_state`](Self::load_state) can check that it resumes the same
+    /// model. The bytes are deterministic.
     pub fn state_to_bytes(&self) -> Result<Vec<u8>, Error> {
         let mut tensors: Vec<(String, TensorData)> = Vec::new();
-        let mut meta = HashMap::new();
-        meta.insert("format".to_string(), "qlora-optim/adam/1".to_string());
-        meta.insert("groups".to_string(), self.groups.len().to_string());
+        // One metadata entry holding `key=value` lines in a fixed order: safetensors writes its
+        // metadata map in hash order, and saved states should be byte-for-byte reproducible.
+        let mut lines = vec![
+            "format=qlora-optim/adam/1".to_string(),
+            format!("groups={}", self.groups.len()),
+        ];
         let mut i = 0usize;
         for (gi, g) in self.groups.iter().enumerate() {
             let h = &g.hyper;
-            meta.insert(format!("group.{gi}.lr"), format!("{:?}", h.lr));
-            meta.insert(
-                format!("group.{gi}.initial_lr"),
-                format!("{:?}", h.initial_lr),
-            );
-            meta.insert(format!("group.{gi}.beta1"), format!("{:?}", h.betas.0));
-            meta.insert(format!("group.{gi}.beta2"), format!("{:?}", h.betas.1));
-            meta.insert(format!("group.{gi}.eps"), format!("{:?}", h.eps));
-            meta.insert(
-                format!("group.{gi}.weight_decay"),
-                format!("{:?}", h.weight_decay),
-            );
+            lines.push(format!("group.{gi}.lr={:?}", h.lr));
+            lines.push(format!("group.{gi}.initial_lr={:?}", h.initial_lr));
+            lines.push(format!("group.{gi}.beta1={:?}", h.betas.0));
+            lines.push(format!("group.{gi}.beta2={:?}", h.betas.1));
+            lines.push(format!("group.{gi}.eps={:?}", h.eps));
+            lines.push(format!("group.{gi}.weight_decay={:?}", h.weight_decay));
             let sizes: Vec<String> = g.params.iter().map(|s| s.numel.to_string()).collect();
-            meta.insert(format!("group.{gi}.numel"), sizes.join(","));
+            lines.push(format!("group.{gi}.numel={}", sizes.join(",")));
             for slot in &g.params {
                 if let Some(st) = &slot.state {
                     tensors.extend(st.to_tensors(&format!("{i}."))?);
@@ -451,6 +452,7 @@ impl<S: StateStorage> Adam<S> {
                 i += 1;
             }
         }
+        let meta = HashMap::from([(META_KEY.to_string(), lines.join("\n"))]);
         safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
             .map_err(|e| Error::st("optimizer state", e))
     }
@@ -469,8 +471,17 @@ impl<S: StateStorage> Adam<S> {
         let (_, header) =
             SafeTensors::read_metadata(bytes).map_err(|e| Error::st("optimizer state", e))?;
         let st = SafeTensors::deserialize(bytes).map_err(|e| Error::st("optimizer state", e))?;
-        let empty = HashMap::new();
-        let meta = header.metadata().as_ref().unwrap_or(&empty);
+        let meta: HashMap<String, String> = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(META_KEY))
+            .map(|text| {
+                text.lines()
+                    .filter_map(|l| l.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
         let get = |key: &str| -> Result<&String, Error> {
             meta.get(key).ok_or_else(|| Error::StateMismatch {
                 param: "metadata".into(),
