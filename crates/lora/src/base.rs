@@ -1,0 +1,482 @@
+//! The frozen base weight of a LoRA layer — dense (f32/bf16/f16) or 4-bit — and the tiled matrix
+//! products that read it without ever materializing a 4-bit weight whole.
+
+use crate::error::{check_len, Error, Result};
+use crate::matmul;
+use half::{bf16, f16};
+use qlora_codec::{Dtype, Element, QuantizedTensor};
+use rayon::prelude::*;
+
+/// f32 elements in one dequantized tile (2 MiB): the only weight-sized scratch a 4-bit forward or
+/// backward holds.
+pub const TILE_ELEMS: usize = 1 << 19;
+
+/// Token counts up to this use the fused matrix-vector path (no tile buffer at all).
+pub const GEMV_MAX_TOKENS: usize = 4;
+
+/// Dense weight storage.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DenseData {
+    /// float32.
+    F32(Vec<f32>),
+    /// bfloat16.
+    Bf16(Vec<bf16>),
+    /// float16.
+    F16(Vec<f16>),
+}
+
+impl DenseData {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            DenseData::F32(v) => v.len(),
+            DenseData::Bf16(v) => v.len(),
+            DenseData::F16(v) => v.len(),
+        }
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The dtype.
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            DenseData::F32(_) => Dtype::F32,
+            DenseData::Bf16(_) => Dtype::BF16,
+            DenseData::F16(_) => Dtype::F16,
+        }
+    }
+
+    /// Every element widened to f32 (exact).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.len()];
+        self.read_into(0, &mut out);
+        out
+    }
+
+    /// Round f32 values to `dtype` (round to nearest even).
+    pub fn from_f32(data: &[f32], dtype: Dtype) -> Self {
+        match dtype {
+            Dtype::F32 => DenseData::F32(data.to_vec()),
+            Dtype::BF16 => DenseData::Bf16(data.iter().map(|&v| bf16::from_f32(v)).collect()),
+            Dtype::F16 => DenseData::F16(data.iter().map(|&v| f16::from_f32(v)).collect()),
+        }
+    }
+
+    /// Widen elements `start..start + out.len()` into `out`.
+    pub(crate) fn read_into(&self, start: usize, out: &mut [f32]) {
+        fn widen<T: Element>(src: &[T], out: &mut [f32]) {
+            out.par_chunks_mut(1 << 14)
+                .zip(src.par_chunks(1 << 14))
+                .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, s)| *o = s.to_f32()));
+        }
+        let end = start + out.len();
+        match self {
+            DenseData::F32(v) => out.copy_from_slice(&v[start..end]),
+            DenseData::Bf16(v) => widen(&v[start..end], out),
+            DenseData::F16(v) => widen(&v[start..end], out),
+        }
+    }
+}
+
+/// The frozen base weight of a linear layer.
+///
+/// The logical weight is `W: [out, in]` (PyTorch `nn.Linear` layout). A dense weight may be stored
+/// transposed, `[in, out]`, as HF `Conv1D` does (`fan_in_fan_out`); a 4-bit weight is always
+/// `[out, in]` (bitsandbytes' `Linear4bit`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum BaseWeight {
+    /// A dense weight.
+    Dense {
+        /// Row-major elements of the stored matrix.
+        data: DenseData,
+        /// Output features.
+        out_features: usize,
+        /// Input features.
+        in_features: usize,
+        /// Stored as `[in, out]` instead of `[out, in]`.
+        fan_in_fan_out: bool,
+    },
+    /// A 4-bit (NF4/FP4) weight of shape `[out, in]`, dequantized tile by tile when used.
+    Quantized(QuantizedTensor),
+}
+
+impl BaseWeight {
+    /// A dense `[out, in]` weight, checking the length.
+    pub fn dense(data: DenseData, out_features: usize, in_features: usize) -> Result<Self> {
+        check_len("base weight", &[out_features, in_features], data.len())?;
+        Ok(BaseWeight::Dense {
+            data,
+            out_features,
+            in_features,
+            fan_in_fan_out: false,
+        })
+    }
+
+    /// A dense weight stored `[in, out]` (HF `Conv1D`, `fan_in_fan_out = true`).
+    pub fn dense_fan_in_fan_out(
+        data: DenseData,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Self> {
+        check_len("base weight", &[in_features, out_features], data.len())?;
+        Ok(BaseWeight::Dense {
+            data,
+            out_features,
+            in_features,
+            fan_in_fan_out: true,
+        })
+    }
+
+    /// A 4-bit weight; its shape must be 2-D `[out, in]`.
+    pub fn quantized(q: QuantizedTensor) -> Result<Self> {
+        if q.shape().len() != 2 {
+            return Err(Error::Shape {
+                what: "4-bit base weight (must be 2-D [out, in])".into(),
+                expected: vec![0, 0],
+                found: q.shape().to_vec(),
+            });
+        }
+        Ok(BaseWeight::Quantized(q))
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        match self {
+            BaseWeight::Dense { out_features, .. } => *out_features,
+            BaseWeight::Quantized(q) => q.shape()[0],
+        }
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        match self {
+            BaseWeight::Dense { in_features, .. } => *in_features,
+            BaseWeight::Quantized(q) => q.shape()[1],
+        }
+    }
+
+    /// True for a dense weight stored `[in, out]`.
+    pub fn fan_in_fan_out(&self) -> bool {
+        matches!(
+            self,
+            BaseWeight::Dense {
+                fan_in_fan_out: true,
+                ..
+            }
+        )
+    }
+
+    /// The dtype of the weight's values (for 4-bit: the dtype it dequantizes to).
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            BaseWeight::Dense { data, .. } => data.dtype(),
+            BaseWeight::Quantized(q) => q.dtype(),
+        }
+    }
+
+    /// (rows, cols) of the stored matrix.
+    pub(crate) fn stored_dims(&self) -> (usize, usize) {
+        if self.fan_in_fan_out() {
+            (self.in_features(), self.out_features())
+        } else {
+            (self.out_features(), self.in_features())
+        }
+    }
+
+    /// The logical `[out, in]` weight as f32 (values as the base dtype holds them). Materializes
+    /// the whole matrix: for tests, merges and initialization, not for forward/backward.
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        let (rows, cols) = self.stored_dims();
+        let mut stored = vec![0.0f32; rows * cols];
+        self.read_rows(0, rows, &mut stored)?;
+        if self.fan_in_fan_out() {
+            Ok(matmul::transpose(&stored, rows, cols))
+        } else {
+            Ok(stored)
+        }
+    }
+
+    /// Stored rows `r0..r1` as f32 into `out` (values rounded to the base dtype, as bitsandbytes'
+    /// `dequantize_4bit` returns them).
+    pub(crate) fn read_rows(&self, r0: usize, r1: usize, out: &mut [f32]) -> Result<()> {
+        let (_, cols) = self.stored_dims();
+        debug_assert_eq!(out.len(), (r1 - r0) * cols);
+        match self {
+            BaseWeight::Dense { data, .. } => {
+                data.read_into(r0 * cols, out);
+                Ok(())
+            }
+            BaseWeight::Quantized(q) => {
+                let chunk = (1usize << 14).div_ceil(cols).max(1) * cols;
+                out.par_chunks_mut(chunk)
+                    .enumerate()
+                    .try_for_each(|(i, o)| {
+                        q.dequantize_range_into::<f32>(r0 * cols + i * chunk, o)
+                    })?;
+                round_to_dtype(out, q.dtype());
+                Ok(())
+            }
+        }
+    }
+
+    /// Call `f(r0, r1, tile)` for consecutive tiles of stored rows, `tile` holding rows `r0..r1`
+    /// as f32. A dense f32 weight is lent without copying.
+    pub(crate) fn for_each_tile(
+        &self,
+        mut f: impl FnMut(usize, usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        let (rows, cols) = self.stored_dims();
+        if let BaseWeight::Dense {
+            data: DenseData::F32(v),
+            ..
+        } = self
+        {
+            return f(0, rows, v);
+        }
+        let tile_rows = (TILE_ELEMS / cols.max(1)).clamp(1, rows.max(1));
+        let mut buf = vec![0.0f32; tile_rows * cols];
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + tile_rows).min(rows);
+            let tile = &mut buf[..(r1 - r0) * cols];
+            self.read_rows(r0, r1, tile)?;
+            f(r0, r1, tile)?;
+            r0 = r1;
+        }
+        Ok(())
+    }
+
+    /// `Y[n, out] (+)= X[n, in] · Wᵀ`, tile by tile. For `n ≤ GEMV_MAX_TOKENS` and an `[out, in]`
+    /// layout this is a fused matrix-vector product that decodes 4-bit codes straight into the
+    /// dot product.
+    pub(crate) fn x_wt(&self, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) -> Result<()> {
+        let (out_f, in_f) = (self.out_features(), self.in_features());
+        if !accumulate {
+            y.iter_mut().for_each(|v| *v = 0.0);
+        }
+        if n <= GEMV_MAX_TOKENS && !self.fan_in_fan_out() {
+            return self.gemv(x, n, y);
+        }
+        if self.fan_in_fan_out() {
+            // Stored [in, out]: Y += X[:, k0..k1] · Ws[k0..k1, :].
+            self.for_each_tile(|k0, k1, tile| {
+                matmul::gemm(
+                    y,
+                    (n, out_f, out_f),
+                    matmul::strided(&x[k0..], n, k1 - k0, in_f),
+                    matmul::strided(tile, k1 - k0, out_f, out_f),
+                    1.0,
+                );
+                Ok(())
+            })
+        } else {
+            // Stored [out, in]: Y[:, r0..r1] += X · tileᵀ.
+            self.for_each_tile(|r0, r1, tile| {
+                matmul::gemm_into_cols(
+                    y,
+                    out_f,
+                    r0,
+                    r1,
+                    n,
+                    matmul::strided(x, n, in_f, in_f),
+                    matmul::strided(tile, r1 - r0, in_f, in_f).transpose(),
+                    1.0,
+                );
+                Ok(())
+            })
+        }
+    }
+
+    /// `dX[n, in] (+)= G[n, out] · W`, tile by tile.
+    pub(crate) fn g_w(&self, g: &[f32], n: usize, dx: &mut [f32], accumulate: bool) -> Result<()> {
+        let (out_f, in_f) = (self.out_features(), self.in_features());
+        if !accumulate {
+            dx.iter_mut().for_each(|v| *v = 0.0);
+        }
+        if self.fan_in_fan_out() {
+            // Stored [in, out]: dX[:, k0..k1] += G · tileᵀ.
+            self.for_each_tile(|k0, k1, tile| {
+                matmul::gemm_into_cols(
+                    dx,
+                    in_f,
+                    k0,
+                    k1,
+                    n,
+                    matmul::strided(g, n, out_f, out_f),
+                    matmul::strided(tile, k1 - k0, out_f, out_f).transpose(),
+                    1.0,
+                );
+                Ok(())
+            })
+        } else {
+            // Stored [out, in]: dX += G[:, r0..r1] · tile.
+            self.for_each_tile(|r0, r1, tile| {
+                matmul::gemm(
+                    dx,
+                    (n, in_f, in_f),
+                    matmul::strided(&g[r0..], n, r1 - r0, out_f),
+                    matmul::strided(tile, r1 - r0, in_f, in_f),
+                    1.0,
+                );
+                Ok(())
+            })
+        }
+    }
+
+    /// Fused matrix-vector products for a few tokens over an `[out, in]` layout.
+    fn gemv(&self, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        let (out_f, in_f) = (self.out_features(), self.in_features());
+        // yt[j, t] = W_j · x_t, one output row per task.
+        let mut yt = vec![0.0f32; out_f * n];
+        const ROWS: usize = 16;
+        match self {
+            BaseWeight::Dense { data, .. } => {
+                yt.par_chunks_mut(ROWS * n).enumerate().for_each(|(c, yc)| {
+                    let j0 = c * ROWS;
+                    for (jj, yrow) in yc.chunks_mut(n).enumerate() {
+                        let j = j0 + jj;
+                        let w = j * in_f..(j + 1) * in_f;
+                        for (t, yv) in yrow.iter_mut().enumerate() {
+                            let xt = &x[t * in_f..(t + 1) * in_f];
+                            *yv = match data {
+                                DenseData::F32(v) => dot_f32(&v[w.clone()], xt),
+                                DenseData::Bf16(v) => dot_bf16(&v[w.clone()], xt),
+                                DenseData::F16(v) => dot_f16(&v[w.clone()], xt),
+                            };
+                        }
+                    }
+                });
+            }
+            BaseWeight::Quantized(q) => {
+                let bs = q.blocksize();
+                let fused = in_f % bs == 0;
+                let table = q.quant_type().table();
+                let absmax = q.absmax().view();
+                let packed = q.packed();
+                let dtype = q.dtype();
+                yt.par_chunks_mut(ROWS * n)
+                    .enumerate()
+                    .try_for_each(|(c, yc)| -> Result<()> {
+                        let j0 = c * ROWS;
+                        let mut row = Vec::new();
+                        for (jj, yrow) in yc.chunks_mut(n).enumerate() {
+                            let j = j0 + jj;
+                            if fused {
+                                let b0 = j * in_f / bs;
+                                let bytes = &packed[j * in_f / 2..(j + 1) * in_f / 2];
+                                let mut acc = [0.0f32; GEMV_MAX_TOKENS];
+                                for (b, pb) in bytes.chunks_exact(bs / 2).enumerate() {
+                                    // The 16 values this block's codes stand for, rounded to
+                                    // the weight dtype exactly as dequantization would.
+                                    let lut = block_lut(table, absmax.get(b0 + b), dtype);
+                                    for (t, a) in acc.iter_mut().enumerate().take(n) {
+                                        let xb = &x[t * in_f + b * bs..t * in_f + (b + 1) * bs];
+                                        *a += nibble_dot(pb, xb, &lut);
+                                    }
+                                }
+                                yrow.copy_from_slice(&acc[..n]);
+                            } else {
+                                // Rows do not start on a block boundary: decode the row.
+                                if row.is_empty() {
+                                    row = vec![0.0f32; in_f];
+                                }
+                                q.dequantize_range_into::<f32>(j * in_f, &mut row)?;
+                                round_to_dtype(&mut row, dtype);
+                                for (t, yv) in yrow.iter_mut().enumerate() {
+                                    *yv = dot_f32(&row, &x[t * in_f..(t + 1) * in_f]);
+                                }
+                            }
+                        }
+                        Ok(())
+                    })?;
+            }
+        }
+        for t in 0..n {
+            for j in 0..out_f {
+                y[t * out_f + j] += yt[j * n + t];
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Round f32 values to what `dtype` can hold (identity for f32).
+pub(crate) fn round_to_dtype(v: &mut [f32], dtype: Dtype) {
+    match dtype {
+        Dtype::F32 => {}
+        Dtype::BF16 => v.iter_mut().for_each(|x| *x = bf16::from_f32(*x).to_f32()),
+        Dtype::F16 => v.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32()),
+    }
+}
+
+const LANES: usize = 16;
+
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ac, ar) = a.split_at(a.len() / LANES * LANES);
+    let (bc, br) = b.split_at(ac.len());
+    for (ca, cb) in ac.chunks_exact(LANES).zip(bc.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    acc.iter().sum::<f32>() + ar.iter().zip(br).map(|(x, y)| x * y).sum::<f32>()
+}
+
+fn dot_bf16(a: &[bf16], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ac, ar) = a.split_at(a.len() / LANES * LANES);
+    let (bc, br) = b.split_at(ac.len());
+    for (ca, cb) in ac.chunks_exact(LANES).zip(bc.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] += f32::from_bits((ca[l].to_bits() as u32) << 16) * cb[l];
+        }
+    }
+    acc.iter().sum::<f32>() + ar.iter().zip(br).map(|(x, y)| x.to_f32() * y).sum::<f32>()
+}
+
+fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ac, ar) = a.split_at(a.len() / LANES * LANES);
+    let (bc, br) = b.split_at(ac.len());
+    let mut tmp = [0.0f32; LANES];
+    for (ca, cb) in ac.chunks_exact(LANES).zip(bc.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            tmp[l] = ca[l].to_f32();
+        }
+        for l in 0..LANES {
+            acc[l] += tmp[l] * cb[l];
+        }
+    }
+    acc.iter().sum::<f32>() + ar.iter().zip(br).map(|(x, y)| x.to_f32() * y).sum::<f32>()
+}
+
+fn block_lut(table: &[f32; 16], absmax: f32, dtype: Dtype) -> [f32; 16] {
+    let mut lut = [0.0f32; 16];
+    for (l, &t) in lut.iter_mut().zip(table) {
+        *l = t * absmax;
+    }
+    round_to_dtype(&mut lut, dtype);
+    lut
+}
+
+/// Σ lut[code_i]·x_i over one block, codes packed two per byte (first element in the high
+/// nibble): the codes are decoded into a small stack buffer that the dot product then reads.
+#[inline]
+fn nibble_dot(bytes: &[u8], x: &[f32], table: &[f32; 16]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    for (pb, xb) in bytes.chunks(LANES / 2).zip(x.chunks(LANES)) {
+        let mut w = [0.0f32; LANES];
+        for (i, &byte) in pb.iter().enumerate() {
+            w[2 * i] = table[(byte >> 4) as usize];
+            w[2 * i + 1] = table[(byte & 15) as usize];
+        }
+        for l in 0..xb.len() {
+            acc[l] += w[l] * xb[l];
+        }
+    }
+    acc.iter().sum()
+}

@@ -1,0 +1,143 @@
+//! Thin safe wrappers over faer's multi-threaded matrix multiply, on row-major slices.
+
+use faer::{Accum, MatMut, MatRef, Par};
+
+/// A row-major view of `rows × cols` with `stride` elements between row starts.
+pub(crate) fn strided(s: &[f32], rows: usize, cols: usize, stride: usize) -> MatRef<'_, f32> {
+    if rows == 0 || cols == 0 {
+        return MatRef::from_row_major_slice(&s[..0], rows, cols);
+    }
+    MatRef::from_row_major_slice_with_stride(s, rows, cols, stride)
+}
+
+fn par() -> Par {
+    if std::env::var_os("QLORA_SEQ").is_some() {
+        Par::Seq
+    } else {
+        Par::rayon(0)
+    }
+}
+
+/// `dst[m, n] += alpha · lhs · rhs` with `dst` row-major (`dims = (m, n, stride)`).
+pub(crate) fn gemm(
+    dst: &mut [f32],
+    dims: (usize, usize, usize),
+    lhs: MatRef<'_, f32>,
+    rhs: MatRef<'_, f32>,
+    alpha: f32,
+) {
+    let (m, n, stride) = dims;
+    if m == 0 || n == 0 {
+        return;
+    }
+    // faer 0.24.4's `from_row_major_slice_with_stride_mut` builds a column-major view (its
+    // strides are swapped), so build the transpose of a column-major view instead.
+    let d = MatMut::from_column_major_slice_with_stride_mut(dst, n, m, stride).transpose_mut();
+    faer::linalg::matmul::matmul(d, Accum::Add, lhs, rhs, alpha, par());
+}
+
+/// `dst[:, c0..c1] += alpha · lhs · rhs` for a row-major `dst` of `m` rows and `ld` columns.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_into_cols(
+    dst: &mut [f32],
+    ld: usize,
+    c0: usize,
+    c1: usize,
+    m: usize,
+    lhs: MatRef<'_, f32>,
+    rhs: MatRef<'_, f32>,
+    alpha: f32,
+) {
+    if m == 0 || c1 == c0 {
+        return;
+    }
+    gemm(&mut dst[c0..], (m, c1 - c0, ld), lhs, rhs, alpha);
+}
+
+/// `C = alpha · A · B` (fresh row-major buffer of `m × n`).
+pub(crate) fn mul(a: MatRef<'_, f32>, b: MatRef<'_, f32>, alpha: f32) -> Vec<f32> {
+    let (m, n) = (a.nrows(), b.ncols());
+    let mut c = vec![0.0f32; m * n];
+    gemm(&mut c, (m, n, n), a, b, alpha);
+    c
+}
+
+/// Row-major view of a whole `rows × cols` slice.
+pub(crate) fn view(s: &[f32], rows: usize, cols: usize) -> MatRef<'_, f32> {
+    strided(s, rows, cols, cols)
+}
+
+/// Transpose a row-major `rows × cols` matrix.
+pub(crate) fn transpose(s: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; s.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = s[i * cols + j];
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut c = vec![0.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|l| a[i * k + l] * b[l * n + j]).sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn mul_matches_naive() {
+        for &(m, k, n) in &[(5, 64, 8), (5, 8, 48), (48, 5, 8), (1, 3, 1), (33, 70, 17)] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let c = mul(view(&a, m, k), view(&b, k, n), 1.0);
+            let want = naive(&a, &b, m, k, n);
+            for (x, y) in c.iter().zip(&want) {
+                assert!((x - y).abs() < 1e-4, "{m}x{k}x{n}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod faer_probe {
+    #[test]
+    fn faer_owned_product() {
+        for &(m, k, n) in &[
+            (5usize, 64usize, 8usize),
+            (2, 2, 2),
+            (4, 4, 4),
+            (8, 8, 8),
+            (16, 16, 16),
+        ] {
+            let a = faer::Mat::<f32>::from_fn(m, k, |i, j| ((i * k + j) as f32 * 0.37).sin());
+            let b = faer::Mat::<f32>::from_fn(k, n, |i, j| ((i * n + j) as f32 * 0.11).cos());
+            let c = &a * &b;
+            let mut err = 0.0f32;
+            for i in 0..m {
+                for j in 0..n {
+                    let w: f32 = (0..k).map(|l| a[(i, l)] * b[(l, j)]).sum();
+                    err = err.max((c[(i, j)] - w).abs());
+                }
+            }
+            let a64 = faer::Mat::<f64>::from_fn(m, k, |i, j| ((i * k + j) as f64 * 0.37).sin());
+            let b64 = faer::Mat::<f64>::from_fn(k, n, |i, j| ((i * n + j) as f64 * 0.11).cos());
+            let c64 = &a64 * &b64;
+            let mut err64 = 0.0f64;
+            for i in 0..m {
+                for j in 0..n {
+                    let w: f64 = (0..k).map(|l| a64[(i, l)] * b64[(l, j)]).sum();
+                    err64 = err64.max((c64[(i, j)] - w).abs());
+                }
+            }
+            eprintln!("{m}x{k}x{n}: f32 err {err}, f64 err {err64}");
+        }
+    }
+}
