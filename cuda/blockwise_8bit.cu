@@ -19,7 +19,8 @@
  *   kernels  dequantize_8bit_f32 / _f16 / _bf16
  *            (const unsigned char* q, const float* code, const float* absmax, T* out,
  *             QloraBlockwise8Args a)
- *   block    QLORA_DEQUANT_THREADS (256) threads; grid ceil(n / 256); thread i writes out[i] =
+ *   block    QLORA_DEQUANT_THREADS (256) threads, 1 KiB static shared memory (the map);
+ *            grid ceil(n / 256); thread i writes out[i] =
  *            T(f32(code[q[i]] * absmax[i / bs])) (one f32 multiply, RNE conversion)
  */
 #include "qlora_kernels.h"
@@ -61,9 +62,12 @@ __device__ void dequantize_8bit(const unsigned char* __restrict__ q,
                                 const float* __restrict__ code,
                                 const float* __restrict__ absmax, T* __restrict__ out,
                                 QloraBlockwise8Args a) {
+    __shared__ float smem_code[QLORA_DYNAMIC_MAP_LEN];
+    smem_code[threadIdx.x] = code[threadIdx.x];
+    __syncthreads();
     const u64 i = (u64)blockIdx.x * QLORA_DEQUANT_THREADS + threadIdx.x;
     if (i >= a.n) return;
-    out[i] = from_f32<T>(__fmul_rn(code[q[i]], absmax[i / a.blocksize]));
+    out[i] = from_f32<T>(__fmul_rn(smem_code[q[i]], absmax[i / a.blocksize]));
 }
 
 #define QLORA_BLOCKWISE8(SUFFIX, T)                                                              \

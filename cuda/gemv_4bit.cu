@@ -31,6 +31,11 @@ __device__ void gemv_4bit(const T* __restrict__ a, const unsigned char* __restri
                           const float* __restrict__ nested_absmax,
                           const float* __restrict__ nested_code, T* __restrict__ out,
                           QloraGemv4Args args) {
+    // Code book in shared memory: lanes index it with different codes, which a __constant__
+    // table would serialise.
+    __shared__ float lut[16];
+    if (threadIdx.x < 16) lut[threadIdx.x] = dequantize_4bit_code(threadIdx.x, args.quant_type);
+    __syncthreads();
     const unsigned int warp = threadIdx.x / 32;
     const unsigned int lane = threadIdx.x & 31u;
     const u64 j = (u64)blockIdx.x * QLORA_GEMV_WARPS + warp;
@@ -53,7 +58,7 @@ __device__ void gemv_4bit(const T* __restrict__ a, const unsigned char* __restri
         }
         const unsigned int byte = packed_w[e >> 1];
         const unsigned int code = (e & 1ull) ? (byte & 15u) : (byte >> 4);
-        const float w = __fmul_rn(dequantize_4bit_code(code, args.quant_type), scale);
+        const float w = __fmul_rn(lut[code], scale);
         for (unsigned int m = 0; m < QLORA_GEMV_MAX_ROWS; ++m) {
             if (m < rows) acc[m] = __fadd_rn(acc[m], __fmul_rn(to_f32(a[m * K + k]), w));
         }

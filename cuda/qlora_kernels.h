@@ -21,8 +21,10 @@
 #define QLORA_MAX_BLOCKSIZE 4096
 /* Smallest block size of the 8-bit blockwise codec (bnb: 64). */
 #define QLORA_MIN_BLOCKSIZE_8BIT 64
-/* Threads per CUDA block of the dequantizers; each thread writes the values of one byte. */
+/* Threads per CUDA block of the dequantizers. */
 #define QLORA_DEQUANT_THREADS 256
+/* Packed bytes (2 values each) one thread of the 4-bit dequantizer owns. */
+#define QLORA_DEQUANT_BYTES_PER_THREAD 8
 /* Block size of the nested (double) quantization of absmax (section 4.1). */
 #define QLORA_NESTED_BLOCKSIZE 256
 /* 8-bit optimizer: one CUDA block of 256 threads per 256-element state block (section 6.2). */

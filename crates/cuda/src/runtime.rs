@@ -481,8 +481,10 @@ impl Device {
         if n == 0 {
             return Ok(());
         }
+        let bytes_per_block =
+            (ffi::QLORA_DEQUANT_THREADS * ffi::QLORA_DEQUANT_BYTES_PER_THREAD) as usize;
         let cfg = config(
-            grid(n.div_ceil(2), ffi::QLORA_DEQUANT_THREADS as usize)?,
+            grid(n.div_ceil(2), bytes_per_block)?,
             ffi::QLORA_DEQUANT_THREADS,
         );
         let stream = &self.stream;
