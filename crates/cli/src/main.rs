@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod convert;
+mod demo;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -16,6 +17,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a complete QLoRA fine-tune on a small built-in model (pretrain, NF4, LoRA, 8-bit
+    /// paged AdamW, save, reload).
+    Demo(demo::DemoArgs),
     /// Quantize the linear-layer weights of a safetensors file to NF4/FP4 (bitsandbytes layout).
     Quantize(convert::QuantizeArgs),
     /// Write every 4-bit weight of a safetensors file back as a dense tensor.
@@ -25,6 +29,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
+        Command::Demo(args) => demo::demo(args),
         Command::Quantize(args) => convert::quantize(args),
         Command::Dequantize(args) => convert::dequantize(args),
     };
