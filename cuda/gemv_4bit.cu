@@ -9,15 +9,17 @@
  *             const float* nested_code, T* out, QloraGemv4Args args)
  *   block    QLORA_GEMV_WARPS * 32 = 128 threads
  *   grid     ceil(out_features / 4)
- *   owns     warp w of CUDA block b computes output feature j = 4b + w for all rows; lane l
- *            takes the in-features k = l, l + 32, ...; lanes' partial sums are combined with a
+ *   owns     warp w of CUDA block b computes output feature j = 4b + w for all rows. When
+ *            K % 8 == 0 (and packed_w is 4-byte aligned) lane l takes the in-features
+ *            8l .. 8l + 7 of each 256-wide step with one 4-byte weight load; otherwise
+ *            k = l, l + 32, ... one nibble at a time. Lanes' partial sums are combined with a
  *            butterfly shuffle and lane 0 stores out[m * N + j]
  *   shapes   a: [rows, K] row-major, W: [N, K] row-major quantized as one flat tensor of N*K
  *            elements (element (j, k) is flat index j*K + k), out: [rows, N];
  *            rows in 1..QLORA_GEMV_MAX_ROWS
  *
  * Weights are dequantized in f32 exactly as dequantize_4bit does (w = f32(code * scale)),
- * products a*w are f32 and accumulated in f32 (order: per lane in k order, then the butterfly),
+ * products a*w are f32 and accumulated in f32 (per lane in k order, then the butterfly),
  * the sum is converted to T with round-to-nearest-even. Not bitwise equal to a CPU dot product
  * in another summation order; compare with a tolerance.
  */
@@ -46,21 +48,48 @@ __device__ void gemv_4bit(const T* __restrict__ a, const unsigned char* __restri
     float acc[QLORA_GEMV_MAX_ROWS];
     for (unsigned int m = 0; m < QLORA_GEMV_MAX_ROWS; ++m) acc[m] = 0.0f;
 
-    u64 cached_block = ~0ull;
-    float scale = 0.0f;
-    for (u64 k = lane; k < K; k += 32) {
-        const u64 e = j * K + k;
-        const u64 blk = e / args.blocksize;
-        if (blk != cached_block) {
-            scale = block_scale(blk, absmax, qabsmax, nested_absmax, nested_code,
-                                args.double_quant, args.offset);
-            cached_block = blk;
+    const bool vectorised = (K % 8 == 0) && (((u64)packed_w & 3ull) == 0);
+    if (vectorised) {
+        // Lane l takes the 8 consecutive in-features 8l .. 8l + 7 of every 256-wide step: one
+        // 4-byte weight load per lane, 128 contiguous bytes per warp. The 8 share one block
+        // (blocksize >= 32 is a multiple of 8 and so is the row start j*K).
+        const unsigned int* w32 = reinterpret_cast<const unsigned int*>(packed_w + (j * K) / 2);
+        for (u64 k0 = 8ull * lane; k0 < K; k0 += 256) {
+            const float scale = block_scale((j * K + k0) / args.blocksize, absmax, qabsmax,
+                                            nested_absmax, nested_code, args.double_quant,
+                                            args.offset);
+            const unsigned int word = w32[k0 / 8];
+            float w[8];
+            for (int b = 0; b < 4; ++b) {
+                const unsigned int byte = (word >> (8 * b)) & 0xffu;
+                w[2 * b] = __fmul_rn(lut[byte >> 4], scale);
+                w[2 * b + 1] = __fmul_rn(lut[byte & 15u], scale);
+            }
+            for (unsigned int m = 0; m < QLORA_GEMV_MAX_ROWS; ++m) {
+                if (m >= rows) break;
+                const T* am = a + m * K + k0;
+                for (int t = 0; t < 8; ++t) {
+                    acc[m] = __fadd_rn(acc[m], __fmul_rn(to_f32(am[t]), w[t]));
+                }
+            }
         }
-        const unsigned int byte = packed_w[e >> 1];
-        const unsigned int code = (e & 1ull) ? (byte & 15u) : (byte >> 4);
-        const float w = __fmul_rn(lut[code], scale);
-        for (unsigned int m = 0; m < QLORA_GEMV_MAX_ROWS; ++m) {
-            if (m < rows) acc[m] = __fadd_rn(acc[m], __fmul_rn(to_f32(a[m * K + k]), w));
+    } else {
+        u64 cached_block = ~0ull;
+        float scale = 0.0f;
+        for (u64 k = lane; k < K; k += 32) {
+            const u64 e = j * K + k;
+            const u64 blk = e / args.blocksize;
+            if (blk != cached_block) {
+                scale = block_scale(blk, absmax, qabsmax, nested_absmax, nested_code,
+                                    args.double_quant, args.offset);
+                cached_block = blk;
+            }
+            const unsigned int byte = packed_w[e >> 1];
+            const unsigned int code = (e & 1ull) ? (byte & 15u) : (byte >> 4);
+            const float w = __fmul_rn(lut[code], scale);
+            for (unsigned int m = 0; m < QLORA_GEMV_MAX_ROWS; ++m) {
+                if (m < rows) acc[m] = __fadd_rn(acc[m], __fmul_rn(to_f32(a[m * K + k]), w));
+            }
         }
     }
     for (unsigned int m = 0; m < QLORA_GEMV_MAX_ROWS; ++m) {
