@@ -1,6 +1,7 @@
 //! `qlora`: quantize, dequantize and inspect bitsandbytes 4-bit checkpoints without Python.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod convert;
 mod demo;
 
@@ -24,6 +25,8 @@ enum Command {
     Quantize(convert::QuantizeArgs),
     /// Write every 4-bit weight of a safetensors file back as a dense tensor.
     Dequantize(convert::DequantizeArgs),
+    /// Measure CPU quantize/dequantize throughput against a memcpy of the same bytes.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::demo(args),
         Command::Quantize(args) => convert::quantize(args),
         Command::Dequantize(args) => convert::dequantize(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
