@@ -4,6 +4,7 @@
 mod bench;
 mod convert;
 mod demo;
+mod estimate;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -25,6 +26,8 @@ enum Command {
     Quantize(convert::QuantizeArgs),
     /// Write every 4-bit weight of a safetensors file back as a dense tensor.
     Dequantize(convert::DequantizeArgs),
+    /// Exact byte accounting of QLoRA training memory for a preset or a config.json.
+    Estimate(estimate::EstimateArgs),
     /// Measure CPU quantize/dequantize throughput against a memcpy of the same bytes.
     Bench(bench::BenchArgs),
 }
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::demo(args),
         Command::Quantize(args) => convert::quantize(args),
         Command::Dequantize(args) => convert::dequantize(args),
+        Command::Estimate(args) => estimate::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {
