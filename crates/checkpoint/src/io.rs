@@ -196,10 +196,18 @@ pub fn read_checkpoint_bytes<'a>(bytes: &'a [u8], file: &str) -> Result<Checkpoi
         file: file.to_string(),
         reason: e.to_string(),
     })?;
-    let metadata = SafeTensors::read_metadata(bytes)
-        .map(|(_, m)| m.metadata().clone())
-        .unwrap_or_default();
-    let entries = classify(&tensors, file)?;
+    let (header_len, metadata) = SafeTensors::read_metadata(bytes)
+        .map(|(n, m)| (n, m.metadata().clone()))
+        .map_err(|e| Error::Safetensors {
+            file: file.to_string(),
+            reason: e.to_string(),
+        })?;
+    // serde keeps the last of duplicate keys; a duplicated tensor name must not pass silently.
+    crate::json::parse_strict(&bytes[8..8 + header_len]).map_err(|e| Error::Safetensors {
+        file: file.to_string(),
+        reason: format!("header JSON: {e}"),
+    })?;
+    let entries = classify(&(&tensors, file))?;
     Ok(Checkpoint {
         file: file.to_string(),
         tensors,
@@ -216,8 +224,44 @@ fn tensor_err(file: &str, tensor: &str, reason: impl Into<String>) -> Error {
     }
 }
 
-fn classify(st: &SafeTensors<'_>, file: &str) -> Result<Vec<Entry>> {
-    let names: HashSet<&str> = st.names().into_iter().collect();
+/// Raw tensors addressed by key, from one file or from the shards of a folder: what grouping and
+/// the member checks of a 4-bit weight need.
+pub(crate) trait RawSource {
+    /// Every raw key.
+    fn raw_names(&self) -> Vec<&str>;
+    /// The file holding `key` (for error messages).
+    fn file_of(&self, key: &str) -> String;
+    /// Dtype and shape of `key`.
+    fn info(&self, key: &str) -> Option<(StDtype, Vec<usize>)>;
+    /// The bytes of `key`.
+    fn bytes(&self, key: &str) -> Result<Cow<'_, [u8]>>;
+}
+
+impl RawSource for (&SafeTensors<'_>, &str) {
+    fn raw_names(&self) -> Vec<&str> {
+        self.0.names()
+    }
+    fn file_of(&self, _key: &str) -> String {
+        self.1.to_string()
+    }
+    fn info(&self, key: &str) -> Option<(StDtype, Vec<usize>)> {
+        self.0
+            .tensor(key)
+            .ok()
+            .map(|v| (v.dtype(), v.shape().to_vec()))
+    }
+    fn bytes(&self, key: &str) -> Result<Cow<'_, [u8]>> {
+        self.0
+            .tensor(key)
+            .map(|v| Cow::Borrowed(v.data()))
+            .map_err(|e| tensor_err(self.1, key, e.to_string()))
+    }
+}
+
+/// Group raw keys into logical entries (dense tensors and 4-bit groups), sorted by name.
+pub(crate) fn classify(src: &dyn RawSource) -> Result<Vec<Entry>> {
+    let all_names = src.raw_names();
+    let names: HashSet<&str> = all_names.iter().copied().collect();
     let mut grouped: HashSet<String> = HashSet::new();
     let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
     let mut state_keys: Vec<&str> = names
@@ -227,12 +271,14 @@ fn classify(st: &SafeTensors<'_>, file: &str) -> Result<Vec<Entry>> {
         .collect();
     state_keys.sort_unstable();
     for key in state_keys {
+        let file = src.file_of(key);
+        let file = file.as_str();
         let (base, suffix_type) = match key.strip_suffix(NF4_STATE_SUFFIX) {
             Some(b) => (b, QuantType::Nf4),
-            None => (
-                key.strip_suffix(FP4_STATE_SUFFIX).expect("filtered"),
-                QuantType::Fp4,
-            ),
+            None => match key.strip_suffix(FP4_STATE_SUFFIX) {
+                Some(b) => (b, QuantType::Fp4),
+                None => continue,
+            },
         };
         if entries.contains_key(base) {
             return Err(tensor_err(
@@ -241,21 +287,28 @@ fn classify(st: &SafeTensors<'_>, file: &str) -> Result<Vec<Entry>> {
                 "has both an nf4 and an fp4 quant state",
             ));
         }
-        let view = st
-            .tensor(key)
-            .map_err(|e| tensor_err(file, key, e.to_string()))?;
-        if view.dtype() != StDtype::U8 || view.shape().len() != 1 {
+        let (dtype, shape) = src
+            .info(key)
+            .ok_or_else(|| tensor_err(file, key, "missing"))?;
+        if dtype != StDtype::U8 || shape.len() != 1 {
+            return Err(tensor_err(
+                file,
+                key,
+                format!("quant state must be a 1-D uint8 tensor, found {dtype:?} {shape:?}"),
+            ));
+        }
+        if shape[0] > MAX_STATE_BLOB {
             return Err(tensor_err(
                 file,
                 key,
                 format!(
-                    "quant state must be a 1-D uint8 tensor, found {:?} {:?}",
-                    view.dtype(),
-                    view.shape()
+                    "quant state blob of {} bytes is implausibly large (limit {MAX_STATE_BLOB})",
+                    shape[0]
                 ),
             ));
         }
-        let state = QuantState::from_json_bytes(view.data())
+        let blob = src.bytes(key)?;
+        let state = QuantState::from_json_bytes(&blob)
             .map_err(|e| tensor_err(file, key, format!("quant state JSON: {e}")))?;
         if state.quant_type != suffix_type {
             return Err(tensor_err(
@@ -302,14 +355,17 @@ fn classify(st: &SafeTensors<'_>, file: &str) -> Result<Vec<Entry>> {
             },
         );
     }
-    for (name, view) in st.iter() {
+    for name in all_names {
         if !grouped.contains(name) {
+            let (dtype, shape) = src
+                .info(name)
+                .ok_or_else(|| tensor_err(&src.file_of(name), name, "missing"))?;
             entries.insert(
                 name.to_string(),
                 Entry::Dense {
                     name: name.to_string(),
-                    dtype: view.dtype(),
-                    shape: view.shape().to_vec(),
+                    dtype,
+                    shape,
                 },
             );
         }
@@ -317,40 +373,107 @@ fn classify(st: &SafeTensors<'_>, file: &str) -> Result<Vec<Entry>> {
     Ok(entries.into_values().collect())
 }
 
-fn expect_tensor<'a>(
-    st: &SafeTensors<'a>,
-    file: &str,
+/// Largest quant-state blob accepted (bitsandbytes writes about 170 bytes).
+pub(crate) const MAX_STATE_BLOB: usize = 4096;
+
+fn expect_member<'s>(
+    src: &'s dyn RawSource,
     group: &str,
     key: &str,
     dtype: StDtype,
     numel: usize,
-) -> Result<TensorView<'a>> {
-    let view = st
-        .tensor(key)
-        .map_err(|e| tensor_err(file, group, e.to_string()))?;
-    if view.dtype() != dtype {
+) -> Result<Cow<'s, [u8]>> {
+    let file = src.file_of(key);
+    let (found_dtype, shape) = src
+        .info(key)
+        .ok_or_else(|| tensor_err(&file, group, format!("missing key {key:?}")))?;
+    if found_dtype != dtype {
         return Err(tensor_err(
-            file,
+            &file,
             group,
-            format!("{key} has dtype {:?}, expected {dtype:?}", view.dtype()),
+            format!("{key} has dtype {found_dtype:?}, expected {dtype:?}"),
         ));
     }
-    let found: usize = view.shape().iter().product();
+    let found: usize = shape.iter().product();
     if found != numel {
         return Err(tensor_err(
-            file,
+            &file,
             group,
+            format!("{key} has shape {shape:?} ({found} elements), expected {numel} elements"),
+        ));
+    }
+    src.bytes(key)
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytemuck::pod_collect_to_vec(bytes)
+}
+
+/// Read the 4-bit group `name` (whose parsed state is `state`) as a typed tensor, after checking
+/// every member's dtype and size against the state.
+pub(crate) fn build_quantized(
+    src: &dyn RawSource,
+    name: &str,
+    state: &QuantState,
+) -> Result<QuantizedTensor> {
+    let file = src.file_of(name);
+    let file = file.as_str();
+    let n = state.numel();
+    let blocks = num_blocks(n, state.blocksize);
+    let (pdtype, pshape) = src
+        .info(name)
+        .ok_or_else(|| tensor_err(file, name, "missing packed weight"))?;
+    let plen = pshape.iter().product::<usize>() * pdtype.bitsize() / 8;
+    if plen != packed_len(n) {
+        return Err(tensor_err(
+            file,
+            name,
             format!(
-                "{key} has shape {:?} ({found} elements), expected {numel} elements",
-                view.shape()
+                "packed weight has {plen} bytes ({pdtype:?} {pshape:?}) but shape {:?} needs {}",
+                state.shape,
+                packed_len(n)
             ),
         ));
     }
-    Ok(view)
-}
-
-fn f32s(view: &TensorView<'_>) -> Vec<f32> {
-    bytemuck::pod_collect_to_vec(view.data())
+    expect_member(src, name, &format!("{name}.quant_map"), StDtype::F32, 16)?;
+    let absmax = match state.nested_offset {
+        None => {
+            let a = expect_member(src, name, &format!("{name}.absmax"), StDtype::F32, blocks)?;
+            Absmax::F32(f32s(&a))
+        }
+        Some(offset) => {
+            let codes = expect_member(src, name, &format!("{name}.absmax"), StDtype::U8, blocks)?;
+            let nested = expect_member(
+                src,
+                name,
+                &format!("{name}.nested_absmax"),
+                StDtype::F32,
+                blocks.div_ceil(qlora_double_quant::NESTED_BLOCKSIZE),
+            )?;
+            expect_member(
+                src,
+                name,
+                &format!("{name}.nested_quant_map"),
+                StDtype::F32,
+                256,
+            )?;
+            Absmax::Double(DoubleQuantAbsmax {
+                codes: codes.into_owned(),
+                nested_absmax: f32s(&nested),
+                offset,
+            })
+        }
+    };
+    let packed = src.bytes(name)?.into_owned();
+    QuantizedTensor::from_parts(
+        state.quant_type,
+        state.blocksize,
+        state.dtype,
+        state.shape.clone(),
+        packed,
+        absmax,
+    )
+    .map_err(|e| tensor_err(file, name, e.to_string()))
 }
 
 impl<'a> Checkpoint<'a> {
@@ -420,96 +543,38 @@ impl<'a> Checkpoint<'a> {
                 file: self.file.clone(),
                 tensor: name.to_string(),
             })?;
-        let file = &self.file;
-        let st = &self.tensors;
-        let n = state.numel();
-        let blocks = num_blocks(n, state.blocksize);
-        let packed = st
-            .tensor(name)
-            .map_err(|e| tensor_err(file, name, e.to_string()))?;
-        if packed.data().len() != packed_len(n) {
-            return Err(tensor_err(
-                file,
-                name,
-                format!(
-                    "packed weight has {} bytes ({:?} {:?}) but shape {:?} needs {}",
-                    packed.data().len(),
-                    packed.dtype(),
-                    packed.shape(),
-                    state.shape,
-                    packed_len(n)
-                ),
-            ));
-        }
-        expect_tensor(
-            st,
-            file,
-            name,
-            &format!("{name}.quant_map"),
-            StDtype::F32,
-            16,
-        )?;
-        let absmax = match state.nested_offset {
-            None => {
-                let a = expect_tensor(
-                    st,
-                    file,
-                    name,
-                    &format!("{name}.absmax"),
-                    StDtype::F32,
-                    blocks,
-                )?;
-                Absmax::F32(f32s(&a))
-            }
-            Some(offset) => {
-                let codes = expect_tensor(
-                    st,
-                    file,
-                    name,
-                    &format!("{name}.absmax"),
-                    StDtype::U8,
-                    blocks,
-                )?;
-                let nested = expect_tensor(
-                    st,
-                    file,
-                    name,
-                    &format!("{name}.nested_absmax"),
-                    StDtype::F32,
-                    blocks.div_ceil(qlora_double_quant::NESTED_BLOCKSIZE),
-                )?;
-                expect_tensor(
-                    st,
-                    file,
-                    name,
-                    &format!("{name}.nested_quant_map"),
-                    StDtype::F32,
-                    256,
-                )?;
-                Absmax::Double(DoubleQuantAbsmax {
-                    codes: codes.data().to_vec(),
-                    nested_absmax: f32s(&nested),
-                    offset,
-                })
-            }
-        };
-        QuantizedTensor::from_parts(
-            state.quant_type,
-            state.blocksize,
-            state.dtype,
-            state.shape.clone(),
-            packed.data().to_vec(),
-            absmax,
-        )
-        .map_err(|e| tensor_err(file, name, e.to_string()))
+        build_quantized(&(&self.tensors, self.file.as_str()), name, state)
     }
 }
 
-fn convert<S: Element, T: Element>(data: &[u8]) -> Vec<T> {
+pub(crate) fn convert<S: Element, T: Element>(data: &[u8]) -> Vec<T> {
     bytemuck::pod_collect_to_vec::<u8, S>(data)
         .into_iter()
         .map(|x| T::from_f32(x.to_f32()))
         .collect()
+}
+
+/// Map `len` bytes of `file` from byte `offset`, read-only. The one place this crate maps memory.
+pub(crate) fn map_range(
+    file: &std::fs::File,
+    path: &Path,
+    offset: u64,
+    len: usize,
+) -> Result<memmap2::Mmap> {
+    // SAFETY: the map is read-only and private to this process. Like every memory-mapped reader
+    // (safetensors, candle, transformers), we rely on no other process truncating or rewriting the
+    // file while it is mapped; that is documented on `MappedFile` and `ModelFolder`.
+    #[allow(unsafe_code)]
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(offset)
+            .len(len)
+            .map(file)
+    };
+    map.map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// A memory-mapped file.
@@ -528,11 +593,12 @@ impl MappedFile {
             source,
         };
         let file = std::fs::File::open(&path).map_err(io)?;
-        // SAFETY: the map is read-only and private to this process. Like every memory-mapped
-        // reader (safetensors, candle, transformers), we rely on no other process truncating or
-        // rewriting the file while it is mapped; that is documented on `MappedFile`.
-        #[allow(unsafe_code)]
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let len = usize::try_from(len).map_err(|_| Error::Safetensors {
+            file: path.display().to_string(),
+            reason: format!("{len} bytes do not fit in memory addresses"),
+        })?;
+        let map = map_range(&file, &path, 0, len)?;
         Ok(MappedFile { path, map })
     }
 

@@ -42,11 +42,20 @@
 #![deny(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod config;
+mod folder;
 mod io;
+mod json;
 mod quant_state;
 mod select;
 mod transform;
+mod write;
 
+pub use config::{bnb_quantization_config, config_dtype, is_bnb_4bit, QUANTIZATION_CONFIG_KEY};
+pub use folder::{
+    parse_config_json, parse_index_json, Layout, ModelFolder, Shard, TensorBytes, TensorInfo,
+    CONFIG_FILE_NAME, INDEX_FILE_NAME, SINGLE_FILE_NAME,
+};
 pub use io::{
     quantized_tensors, read_checkpoint_bytes, write_safetensors, write_safetensors_atomic,
     Checkpoint, Entry, MappedFile, OwnedTensor, TensorData,
@@ -54,6 +63,50 @@ pub use io::{
 pub use quant_state::{python_float_repr, QuantState, QuantStateError, MAX_NUMEL};
 pub use select::{default_rule, Selection};
 pub use transform::{dequantize_file, quantize_file, Action, QuantizeFileOptions, TensorReport};
+pub use write::{
+    convert_model, input_bytes, Conversion, ConvertOptions, ConvertReport, DEFAULT_MAX_SHARD_SIZE,
+};
+
+/// Parse a size the way transformers' `max_shard_size` does (`huggingface_hub`'s
+/// `parse_size_to_int`): an integer with an optional unit `KB`/`MB`/`GB`/`TB` (powers of 1000) or
+/// `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024), e.g. `"5GB"`, `"100KB"`, `"1048576"`.
+///
+/// ```
+/// assert_eq!(qlora_checkpoint::parse_size("5GB").unwrap(), 5_000_000_000);
+/// assert_eq!(qlora_checkpoint::parse_size("2MiB").unwrap(), 2 << 20);
+/// assert!(qlora_checkpoint::parse_size("5 parsecs").is_err());
+/// ```
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let units: [(&str, u64); 8] = [
+        ("KiB", 1 << 10),
+        ("MiB", 1 << 20),
+        ("GiB", 1 << 30),
+        ("TiB", 1 << 40),
+        ("KB", 1_000),
+        ("MB", 1_000_000),
+        ("GB", 1_000_000_000),
+        ("TB", 1_000_000_000_000),
+    ];
+    let (num, mult) = units
+        .iter()
+        .find_map(|(u, m)| t.strip_suffix(u).map(|n| (n.trim(), *m)))
+        .unwrap_or((t, 1));
+    let bad = || {
+        Error::Option(format!(
+            "size {s:?} is not an integer with an optional unit KB/MB/GB/TB/KiB/MiB/GiB/TiB"
+        ))
+    };
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    if !n.is_finite() || n <= 0.0 {
+        return Err(bad());
+    }
+    let v = n * mult as f64;
+    if v >= u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(v as u64)
+}
 
 use std::path::PathBuf;
 
@@ -102,6 +155,17 @@ pub enum Error {
     /// The codec rejected the data.
     #[error(transparent)]
     Codec(#[from] qlora_codec::Error),
+    /// A JSON file of a model folder (`config.json`, the shard index) is malformed or
+    /// inconsistent with the shards.
+    #[error("{file}: {}{reason}", if key.is_empty() { String::new() } else { format!("key {key:?}: ") })]
+    Json {
+        /// The file.
+        file: String,
+        /// The key (dotted path), empty for the whole file.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A bad option (e.g. an invalid regular expression or block size).
     #[error("invalid option: {0}")]
     Option(String),

@@ -89,12 +89,10 @@ impl QuantState {
         s.into_bytes()
     }
 
-    /// Parse a blob strictly: only the keys `QuantState.from_dict` accepts, values of the right
+    /// Parse a blob strictly: no duplicate keys, only the keys `QuantState.from_dict` accepts, values of the right
     /// type and range, a shape whose element count is at most [`MAX_NUMEL`], a finite offset.
     pub fn from_json_bytes(bytes: &[u8]) -> Result<Self, QuantStateError> {
-        let text = std::str::from_utf8(bytes).map_err(|e| QuantStateError::Json(e.to_string()))?;
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| QuantStateError::Json(e.to_string()))?;
+        let value: Value = crate::json::parse_strict(bytes).map_err(QuantStateError::Json)?;
         let Value::Object(map) = value else {
             return Err(QuantStateError::Json("top level is not an object".into()));
         };

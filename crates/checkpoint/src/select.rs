@@ -20,7 +20,18 @@ impl Selection {
     /// Build from `--only` and `--skip` regular expressions (searched anywhere in the name).
     pub fn new(only: &[String], skip: &[String]) -> Result<Self> {
         let compile = |p: &String| {
-            Regex::new(p).map_err(|e| Error::Option(format!("bad regular expression {p:?}: {e}")))
+            Regex::new(p).map_err(|e| {
+                // regex's syntax errors span several lines (pattern, caret, message); keep the
+                // message so that errors stay on one line.
+                let text = e.to_string();
+                let reason = text
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+                    .trim_start_matches("error: ")
+                    .to_string();
+                Error::Option(format!("bad regular expression {p:?}: {reason}"))
+            })
         };
         Ok(Selection {
             only: only.iter().map(compile).collect::<Result<_>>()?,

@@ -1,11 +1,14 @@
-//! `qlora quantize` and `qlora dequantize`.
+//! `qlora quantize` and `qlora dequantize`, for a safetensors file or a model folder.
 
 use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 use qlora_checkpoint::{
-    dequantize_file, quantize_file, Action, QuantizeFileOptions, Selection, TensorReport,
+    convert_model, input_bytes, parse_size, Action, Conversion, ConvertOptions, ConvertReport,
+    ModelFolder, QuantizeFileOptions, Selection,
 };
 use qlora_codec::{Dtype, QuantType, QuantizeOptions};
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 
 /// A user-facing error message.
 pub(crate) type CliResult = Result<(), String>;
@@ -36,9 +39,11 @@ impl From<DtypeArg> for Dtype {
 /// Arguments of `qlora quantize`.
 #[derive(Debug, Args)]
 pub(crate) struct QuantizeArgs {
-    /// Input safetensors file (dense weights).
+    /// Input: a safetensors file, or a model folder (config.json + model.safetensors or shards
+    /// with model.safetensors.index.json).
     input: PathBuf,
-    /// Output safetensors file (written atomically).
+    /// Output: a file for a file input (replaced atomically), a new folder for a folder input
+    /// (must not exist; written to a temporary folder and renamed at the end).
     output: PathBuf,
     /// 4-bit code.
     #[arg(long, value_enum, default_value = "nf4")]
@@ -59,6 +64,13 @@ pub(crate) struct QuantizeArgs {
     /// Quantize tensors that contain NaN or ±Inf instead of refusing them.
     #[arg(long)]
     allow_non_finite: bool,
+    /// `bnb_4bit_compute_dtype` written to config.json (default: the model's `dtype` from
+    /// config.json, else f32 like transformers' BitsAndBytesConfig).
+    #[arg(long, value_enum)]
+    compute_dtype: Option<DtypeArg>,
+    /// Largest output shard (transformers' `max_shard_size` rule; default as transformers 5).
+    #[arg(long, default_value = "50GB", value_name = "SIZE")]
+    max_shard_size: String,
     /// Print nothing on success.
     #[arg(long, short)]
     quiet: bool,
@@ -67,21 +79,24 @@ pub(crate) struct QuantizeArgs {
 /// Arguments of `qlora dequantize`.
 #[derive(Debug, Args)]
 pub(crate) struct DequantizeArgs {
-    /// Input safetensors file with bitsandbytes 4-bit weights.
+    /// Input: a safetensors file or a model folder with bitsandbytes 4-bit weights.
     input: PathBuf,
-    /// Output safetensors file (written atomically).
+    /// Output: a file for a file input, a new folder for a folder input (see `quantize`).
     output: PathBuf,
     /// Output dtype of the dequantized weights (default: the dtype recorded in each quant state).
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
+    /// Largest output shard (transformers' `max_shard_size` rule; default as transformers 5).
+    #[arg(long, default_value = "50GB", value_name = "SIZE")]
+    max_shard_size: String,
     /// Print nothing on success.
     #[arg(long, short)]
     quiet: bool,
 }
 
-fn print_report(report: &[TensorReport]) {
+fn print_report(report: &ConvertReport, output: &Path) {
     let (mut n_changed, mut bytes_in, mut bytes_out) = (0usize, 0usize, 0usize);
-    for r in report {
+    for r in &report.tensors {
         bytes_in += r.bytes_in;
         bytes_out += r.bytes_out;
         if r.action != Action::Copied {
@@ -98,8 +113,62 @@ fn print_report(report: &[TensorReport]) {
     }
     println!(
         "{n_changed} tensors converted, {} copied; {bytes_in} -> {bytes_out} bytes",
-        report.len() - n_changed
+        report.tensors.len() - n_changed
     );
+    if report.shards.len() > 1 || !report.copied_files.is_empty() {
+        println!(
+            "wrote {} ({} shard{}; also copied: {})",
+            output.display(),
+            report.shards.len(),
+            if report.shards.len() == 1 { "" } else { "s" },
+            if report.copied_files.is_empty() {
+                "nothing".to_string()
+            } else {
+                report.copied_files.join(", ")
+            }
+        );
+    }
+    for f in &report.skipped_files {
+        eprintln!("note: weight file {f} of the input was not read and not copied");
+    }
+}
+
+fn run(input: &Path, output: &Path, conv: &Conversion, max_shard: &str, quiet: bool) -> CliResult {
+    let max_shard_size = parse_size(max_shard).map_err(|e| format!("--max-shard-size: {e}"))?;
+    let bar = if std::io::stderr().is_terminal() && !quiet {
+        // Opening the headers is cheap; it gives the total for the bar.
+        let total = ModelFolder::open(input)
+            .map(|m| input_bytes(&m))
+            .map_err(|e| e.to_string())?;
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .map_err(|e| e.to_string())?,
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let progress = |done: u64| {
+        if let Some(b) = &bar {
+            b.set_position(done);
+        }
+    };
+    let opts = ConvertOptions {
+        max_shard_size,
+        progress: Some(&progress),
+    };
+    let result = convert_model(input, output, conv, &opts);
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let report = result.map_err(|e| e.to_string())?;
+    if !quiet {
+        print_report(&report, output);
+    }
+    Ok(())
 }
 
 pub(crate) fn quantize(args: &QuantizeArgs) -> CliResult {
@@ -108,28 +177,37 @@ pub(crate) fn quantize(args: &QuantizeArgs) -> CliResult {
         QuantTypeArg::Nf4 => QuantType::Nf4,
         QuantTypeArg::Fp4 => QuantType::Fp4,
     };
-    qlora_codec::check_blocksize(args.blocksize).map_err(|e| e.to_string())?;
-    let opts = QuantizeFileOptions {
-        quant: QuantizeOptions {
-            quant_type,
-            blocksize: args.blocksize,
-            double_quant: args.double_quant,
+    qlora_codec::check_blocksize(args.blocksize).map_err(|e| format!("--blocksize: {e}"))?;
+    let conv = Conversion::Quantize {
+        options: QuantizeFileOptions {
+            quant: QuantizeOptions {
+                quant_type,
+                blocksize: args.blocksize,
+                double_quant: args.double_quant,
+            },
+            selection,
+            allow_non_finite: args.allow_non_finite,
         },
-        selection,
-        allow_non_finite: args.allow_non_finite,
+        compute_dtype: args.compute_dtype.map(Into::into),
     };
-    let report = quantize_file(&args.input, &args.output, &opts).map_err(|e| e.to_string())?;
-    if !args.quiet {
-        print_report(&report);
-    }
-    Ok(())
+    run(
+        &args.input,
+        &args.output,
+        &conv,
+        &args.max_shard_size,
+        args.quiet,
+    )
 }
 
 pub(crate) fn dequantize(args: &DequantizeArgs) -> CliResult {
-    let report = dequantize_file(&args.input, &args.output, args.dtype.map(Into::into))
-        .map_err(|e| e.to_string())?;
-    if !args.quiet {
-        print_report(&report);
-    }
-    Ok(())
+    let conv = Conversion::Dequantize {
+        dtype: args.dtype.map(Into::into),
+    };
+    run(
+        &args.input,
+        &args.output,
+        &conv,
+        &args.max_shard_size,
+        args.quiet,
+    )
 }

@@ -5,6 +5,7 @@ mod bench;
 mod convert;
 mod demo;
 mod estimate;
+mod inspect;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -22,10 +23,14 @@ enum Command {
     /// Run a complete QLoRA fine-tune on a small built-in model (pretrain, NF4, LoRA, 8-bit
     /// paged AdamW, save, reload).
     Demo(demo::DemoArgs),
-    /// Quantize the linear-layer weights of a safetensors file to NF4/FP4 (bitsandbytes layout).
+    /// Quantize the linear-layer weights of a safetensors file or model folder to NF4/FP4
+    /// (bitsandbytes layout; a folder output loads in transformers as is).
     Quantize(convert::QuantizeArgs),
-    /// Write every 4-bit weight of a safetensors file back as a dense tensor.
+    /// Write every 4-bit weight of a safetensors file or model folder back as a dense tensor.
     Dequantize(convert::DequantizeArgs),
+    /// List the tensors of a safetensors file or model folder with their sizes, and what the
+    /// model would take in bf16 and in NF4.
+    Inspect(inspect::InspectArgs),
     /// Exact byte accounting of QLoRA training memory for a preset or a config.json.
     Estimate(estimate::EstimateArgs),
     /// Measure CPU quantize/dequantize throughput against a memcpy of the same bytes.
@@ -38,14 +43,31 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::demo(args),
         Command::Quantize(args) => convert::quantize(args),
         Command::Dequantize(args) => convert::dequantize(args),
+        Command::Inspect(args) => inspect::run(args),
         Command::Estimate(args) => estimate::run(args),
         Command::Bench(args) => bench::run(args),
     };
+    if std::env::var_os("QLORA_PRINT_PEAK_RSS").is_some() {
+        print_peak_rss();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `QLORA_PRINT_PEAK_RSS=1`: print the process's peak resident set (Linux `VmHWM`) on stderr, for
+/// the memory tests of streaming conversion.
+fn print_peak_rss() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if let Some(kb) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .map(|v| v.trim().trim_end_matches("kB").trim().to_string())
+    {
+        eprintln!("peak RSS: {kb} kB");
     }
 }
