@@ -288,6 +288,8 @@ struct Timing {
 
 fn run(args: &DemoArgs) -> Result<(), DemoError> {
     args.validate()?;
+    // Fail on an unusable output directory now, not after a minute of training.
+    persist::create_dir(&args.out)?;
     let start = Instant::now();
     let mut timing = Timing::default();
     let vocab = Vocab::from_texts(&[PRETRAIN_TEXT, FINETUNE_TEXT]);

@@ -591,7 +591,7 @@ mod tests {
         // A few coordinates of each parameter kind.
         let checks: Vec<(&str, usize, f32)> = vec![
             ("embed", 5, g.embed[5]),
-            ("embed", 1 * EMBED + 3, g.embed[EMBED + 3]),
+            ("embed", EMBED + 3, g.embed[EMBED + 3]),
             ("w1", 17, g.fc[0].0[17]),
             ("b1", 9, g.fc[0].1[9]),
             ("w2", 300, g.fc[1].0[300]),

@@ -50,7 +50,7 @@ pub(crate) struct Reloaded {
     pub(crate) merged_loss: f64,
 }
 
-fn create_dir(dir: &Path) -> Result<(), DemoError> {
+pub(crate) fn create_dir(dir: &Path) -> Result<(), DemoError> {
     std::fs::create_dir_all(dir).map_err(|source| DemoError::Io {
         path: dir.to_path_buf(),
         source,
