@@ -3,16 +3,24 @@
 //!
 //! The kernel's search always ends on the nearest code, and a value exactly on the f32 midpoint
 //! `(code[k] + code[k+1]) * 0.5` of two codes goes to the even index. So the code of `x` is
-//! `cnt(x) = #{k : mid[k] < x}`, moved up by one when `x == mid[cnt]` and `cnt` is odd; NaN gives 0.
-//! `cnt` is found by bucketing the order-preserving integer key of `x` (sign-folded f32 bits):
-//! each bucket stores `cnt` of its smallest value, and a short scan over the (usually zero or one)
-//! midpoints inside the bucket finishes the count. Tests compare it against `DynamicMap::encode`.
+//! `#{k : mid[k] < x}`, moved up by one when `x == mid[k]` for an odd `k`; NaN gives 0. Folding the
+//! tie rule into the thresholds (`thr[k] = mid[k]` for even `k`, the next f32 below for odd `k`)
+//! makes it a plain count `#{k : x > thr[k]}`, found by bucketing the order-preserving integer
+//! key of `x` (sign-folded f32 bits): each bucket stores the count of its smallest value, and two
+//! compares against the (at most two) thresholds inside the bucket finish it, without branches.
+//! Tests compare it against `DynamicMap::encode` on every midpoint, code and neighbour and on a
+//! dense sweep of bit patterns.
 
 use qlora_double_quant::DynamicMap;
 use std::sync::OnceLock;
 
-/// Buckets are `2^SHIFT` consecutive f32 values wide (1/64 of an octave).
+/// Buckets are `2^SHIFT` consecutive f32 values wide (1/64 of an octave); at this width no
+/// bucket of either map holds more than [`MAX_MIDS_PER_BUCKET`] midpoints (checked when the
+/// table is built and by a test), so two compares finish every count without a loop.
 const SHIFT: u32 = 17;
+
+/// Most decision thresholds inside one bucket.
+const MAX_MIDS_PER_BUCKET: usize = 2;
 
 /// Order-preserving map of f32 bit patterns to u32 (`a < b` ⇒ `key(a) < key(b)` for non-NaN).
 #[inline(always)]
@@ -34,40 +42,60 @@ fn unkey(k: u32) -> f32 {
     }
 }
 
+/// Number of buckets covering `[-1, 1]` (`(key(1.0) - key_lo) >> SHIFT` is 16 256).
+const BUCKETS: usize = 1 << 14;
+
 /// Fast exact encoder for one dynamic map.
 #[derive(Debug)]
 pub(crate) struct FastEncoder {
-    /// `mids[k]` for k < 255, `mids[255] = NaN` as a sentinel: `NaN < x` stops every scan and
-    /// `x == NaN` never reports a tie.
-    mids: [f32; 256],
-    /// `cnt` of the smallest value of each bucket.
-    base: Vec<u8>,
+    map: &'static DynamicMap,
+    /// Decision thresholds: the code of `x` is the number of `k` with `x > thr[k]`. For even `k`
+    /// `thr[k]` is the midpoint between codes `k` and `k+1` (a tie stays at the even `k`), for
+    /// odd `k` the next f32 below it (a tie moves up to the even `k+1`). Entries from 255 on are
+    /// NaN: `x > NaN` is false, so a count never passes 255.
+    thr: Box<[f32; 512]>,
+    /// The count of the smallest value of each bucket.
+    base: Box<[u8; BUCKETS]>,
     key_lo: u32,
-    last_bucket: u32,
 }
 
 impl FastEncoder {
-    fn new(map: &DynamicMap) -> Self {
+    fn new(map: &'static DynamicMap) -> Self {
         let code = map.values();
-        let mut mids = [f32::NAN; 256];
+        let mut thr = Box::new([f32::NAN; 512]);
         for k in 0..255 {
-            mids[k] = (code[k] + code[k + 1]) * 0.5;
+            let mid = (code[k] + code[k + 1]) * 0.5;
+            assert!(mid != 0.0 && mid.is_finite());
+            thr[k] = if k % 2 == 0 {
+                mid
+            } else if mid > 0.0 {
+                f32::from_bits(mid.to_bits() - 1)
+            } else {
+                f32::from_bits(mid.to_bits() + 1)
+            };
         }
-        // Below mids[0] every value encodes as 0; above mids[254] as 255.
-        let key_lo = key(mids[0]) & !((1u32 << SHIFT) - 1);
-        let key_hi = key(mids[254]);
-        let last_bucket = (key_hi - key_lo) >> SHIFT;
-        let base = (0..=last_bucket)
-            .map(|b| {
-                let lo = unkey(key_lo + (b << SHIFT));
-                mids[..255].iter().filter(|&&m| m < lo).count() as u8
-            })
-            .collect();
+        // The table covers every value of [-1, 1]; others take the exact slow path.
+        let key_lo = key(-1.0) & !((1u32 << SHIFT) - 1);
+        let buckets = (((key(1.0) - key_lo) >> SHIFT) + 1) as usize;
+        assert!(buckets <= BUCKETS);
+        let cnt = |x: f32| thr[..255].iter().filter(|&&t| x > t).count();
+        let mut base = Box::new([255u8; BUCKETS]);
+        for b in 0..buckets {
+            let first = key_lo + ((b as u32) << SHIFT);
+            let last = first + ((1 << SHIFT) - 1);
+            base[b] = cnt(unkey(first)) as u8;
+            // Thresholds crossed inside the bucket: at most two, so two compares finish a count.
+            let inside = cnt(unkey(last)) - base[b] as usize;
+            assert!(
+                inside <= MAX_MIDS_PER_BUCKET,
+                "bucket {b} holds {inside} thresholds"
+            );
+        }
         FastEncoder {
-            mids,
+            map,
+            thr,
             base,
             key_lo,
-            last_bucket,
         }
     }
 
@@ -86,19 +114,23 @@ impl FastEncoder {
     /// The code of `x`, identical to `DynamicMap::encode(x)`.
     #[inline(always)]
     pub(crate) fn encode(&self, x: f32) -> u8 {
-        if x.is_nan() {
-            return 0;
+        // Normalized states always lie in [-1, 1]; NaN (0/0 of an all-zero block) and the
+        // impossible rest go the exact slow way.
+        if x.abs() <= 1.0 {
+            self.encode_in_range(x)
+        } else {
+            self.map.encode(x)
         }
-        let b = (key(x).saturating_sub(self.key_lo) >> SHIFT).min(self.last_bucket);
-        let mut i = self.base[b as usize] as usize;
-        while self.mids[i] < x {
-            i += 1;
-        }
-        // `i` is now cnt(x) (the sentinel keeps it ≤ 255). An exact tie goes to the even index.
-        if x == self.mids[i] && i & 1 == 1 {
-            i += 1;
-        }
-        i as u8
+    }
+
+    /// [`encode`](Self::encode) for `|x| <= 1` (not NaN); any other input gives an unspecified
+    /// code (but no panic).
+    #[inline(always)]
+    pub(crate) fn encode_in_range(&self, x: f32) -> u8 {
+        let b = (key(x).wrapping_sub(self.key_lo) >> SHIFT) as usize & (BUCKETS - 1);
+        let i = self.base[b] as usize;
+        let i = i + usize::from(x > self.thr[i]);
+        (i + usize::from(x > self.thr[i & 511])) as u8
     }
 }
 

@@ -208,6 +208,10 @@ pub fn adam_step_8bit<P: Element, G: Element>(
 }
 
 /// One block (≤ 256 elements) of the fused 8-bit update.
+///
+/// Three passes over stack buffers (the block stays in L1): moments and their absmax, the
+/// parameter update (branch-free, so it vectorizes for f32), the normalization (vectorized
+/// division) and the encoding.
 #[inline]
 fn block_8bit<P: Element, G: Element>(
     p: &mut [P],
@@ -218,36 +222,40 @@ fn block_8bit<P: Element, G: Element>(
     absmax2: &mut f32,
     k: &Consts,
 ) {
+    const B: usize = OPTIMIZER_BLOCKSIZE;
     let q1 = DynamicMap::signed().values();
     let q2 = DynamicMap::unsigned().values();
     let n = p.len();
+    let (p, g, c1, c2) = (&mut p[..n], &g[..n], &mut c1[..n], &mut c2[..n]);
     let old1 = *absmax1;
     let old2 = *absmax2;
-    let mut s1 = [0.0f32; OPTIMIZER_BLOCKSIZE];
-    let mut s2 = [0.0f32; OPTIMIZER_BLOCKSIZE];
-    let mut finite = [false; OPTIMIZER_BLOCKSIZE];
+    let mut s1 = [0.0f32; B];
+    let mut s2 = [0.0f32; B];
+    let mut finite = [false; B];
+    let (s1, s2, finite) = (&mut s1[..n], &mut s2[..n], &mut finite[..n]);
     // cub's reduction starts from -FLT_MAX; fmaxf (like f32::max) skips NaN.
     let mut new1 = f32::MIN;
     let mut new2 = f32::MIN;
     for j in 0..n {
         let gv = g[j].to_f32();
-        let (m, v) = if gv.is_finite() {
-            finite[j] = true;
-            let gs = gv * k.gnorm_scale;
-            let v = q2[c2[j] as usize] * old2;
-            let v = v * k.beta2 + k.one_minus_beta2 * gs * gs;
-            let m = q1[c1[j] as usize] * old1;
-            let m = m * k.beta1 + k.one_minus_beta1 * gs;
-            (m, v)
-        } else {
-            (0.0, 0.0)
-        };
+        let ok = gv.abs() < f32::INFINITY; // finite (false for NaN)
+        let gs = gv * k.gnorm_scale;
+        let v = q2[c2[j] as usize] * old2;
+        let v = v * k.beta2 + k.one_minus_beta2 * gs * gs;
+        let m = q1[c1[j] as usize] * old1;
+        let m = m * k.beta1 + k.one_minus_beta1 * gs;
+        // A non-finite gradient resets both moments of its element to 0.
+        let (m, v) = if ok { (m, v) } else { (0.0, 0.0) };
+        finite[j] = ok;
         s1[j] = m;
         s2[j] = v;
-        new1 = new1.max(m.abs());
-        new2 = new2.max(v.abs());
+        // fmaxf semantics (a NaN operand is skipped) with one compare: the running max is
+        // never NaN, and `NaN > max` is false.
+        let (am, av) = (m.abs(), v.abs());
+        new1 = if am > new1 { am } else { new1 };
+        new2 = if av > new2 { av } else { new2 };
     }
-    if n < OPTIMIZER_BLOCKSIZE {
+    if n < B {
         // Padding lanes of the last block load g = 0, state1 code 128, state2 code 0.
         let m = q1[128] * old1;
         let m = m * k.beta1 + k.one_minus_beta1 * 0.0;
@@ -258,31 +266,57 @@ fn block_8bit<P: Element, G: Element>(
     }
     *absmax1 = new1;
     *absmax2 = new2;
-    for j in 0..n {
-        if finite[j] {
-            let x = p[j].to_f32() + k.step_size * (s1[j] / (s2[j].sqrt() + k.c2_eps));
-            let mut x = P::from_f32(x);
-            if let Some(decay) = k.decay {
-                x = P::from_f32(x.to_f32() * decay);
+    match k.decay {
+        Some(decay) => {
+            for j in 0..n {
+                let x = p[j].to_f32() + k.step_size * (s1[j] / (s2[j].sqrt() + k.c2_eps));
+                let x = P::from_f32(P::from_f32(x).to_f32() * decay);
+                p[j] = if finite[j] { x } else { p[j] };
             }
-            p[j] = x;
         }
+        None => {
+            for j in 0..n {
+                let x = p[j].to_f32() + k.step_size * (s1[j] / (s2[j].sqrt() + k.c2_eps));
+                let x = P::from_f32(x);
+                p[j] = if finite[j] { x } else { p[j] };
+            }
+        }
+    }
+    // Normalize (IEEE division, vectorized), then encode. Normalized values lie in [-1, 1]
+    // unless the block holds NaN (0/0 of an all-zero block, or an overflow to inf), which takes
+    // the exact slow path.
+    let mut xn1 = [0.0f32; B];
+    let mut xn2 = [0.0f32; B];
+    let (xn1, xn2) = (&mut xn1[..n], &mut xn2[..n]);
+    let mut in_range = true;
+    for j in 0..n {
+        xn1[j] = s1[j] / new1;
+        xn2[j] = s2[j] / new2;
+        in_range &= (xn1[j].abs() <= 1.0) & (xn2[j].abs() <= 1.0);
     }
     let e1 = FastEncoder::signed();
     let e2 = FastEncoder::unsigned();
-    for j in 0..n {
-        let m = s1[j];
-        let mut code = e1.encode(m / new1);
-        if q1[code as usize].is_sign_negative() != m.is_sign_negative() {
-            code = if m > 0.0 {
-                code.wrapping_add(1)
-            } else {
-                code.wrapping_sub(1)
-            };
+    if in_range {
+        for j in 0..n {
+            c1[j] = sign_fix(e1.encode_in_range(xn1[j]), s1[j]);
+            c2[j] = e2.encode_in_range(xn2[j]);
         }
-        c1[j] = code;
-        c2[j] = e2.encode(s2[j] / new2);
+    } else {
+        for j in 0..n {
+            c1[j] = sign_fix(e1.encode(xn1[j]), s1[j]);
+            c2[j] = e2.encode(xn2[j]);
+        }
     }
+}
+
+/// The kernel's sign fix: a first moment whose code has the other sign moves one code towards
+/// its own sign (u8 arithmetic, so 0 − 1 wraps to 255).
+#[inline(always)]
+fn sign_fix(code: u8, m: f32) -> u8 {
+    // qmap1 holds 127 negative codes (0..=126), +0.0 (127) and positives (128..=255).
+    let flip = (code < 127) != m.is_sign_negative();
+    let step = if m > 0.0 { 1u8 } else { 255u8 };
+    code.wrapping_add(step & 0u8.wrapping_sub(u8::from(flip)))
 }
 
 /// One Adam/AdamW step of a parameter with f32 states (bitsandbytes'
