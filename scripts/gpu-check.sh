@@ -39,7 +39,7 @@ phase "NVRTC compile of every kernel (sm_90)"
 cargo test --release -p qlora-cuda --features cuda --test nvrtc
 
 phase "GPU kernels == CPU oracles"
-cargo test --release -p qlora-cuda --features cuda --test gpu
+cargo test --release -p qlora-cuda --features cuda --test gpu --test paged
 
 phase "CUDA managed-memory pool"
 cargo test --release -p qlora-paged-alloc --features cuda --test cuda_backend

@@ -1,4 +1,5 @@
-//! Prints the effective memory bandwidth of the main kernels next to a device-to-device copy
+//! Prints the effective memory bandwidth of the main kernels (NF4 quantize, dequantize with and
+//! without double quantization, 8-bit AdamW step, fused NF4 GEMV) next to a device-to-device copy
 //! measured in the same run (the ceiling any streaming kernel can reach on this GPU).
 //!
 //! ```sh
@@ -156,6 +157,35 @@ fn main() -> Result<(), Box<dyn Error>> {
         Ok(dev.adam8bit_step(&mut p, &g, state, maps, &params)?)
     })?;
     rows.push(("AdamW 8-bit step, f32 params", adam_bytes, adam_ms));
+
+    drop((p, g, s1, s2, a1, a2));
+
+    // Fused NF4 GEMV, one row (decode): a Llama-7B MLP projection, 11008 x 4096, f16.
+    let (out_f, in_f) = (11_008usize, 4_096usize);
+    let w_elems = out_f * in_f;
+    let w_host: Vec<u8> = (0..w_elems.div_ceil(2))
+        .map(|i| (i * 37 % 251) as u8)
+        .collect();
+    let w_packed = stream.clone_htod(&w_host)?;
+    let w_absmax: CudaSlice<f32> = stream.clone_htod(&vec![0.05f32; w_elems.div_ceil(bs)])?;
+    let a_row: CudaSlice<f16> = stream.clone_htod(&host[..in_f])?;
+    let mut y: CudaSlice<f16> = stream.alloc_zeros(out_f)?;
+    let gemv_bytes = w_elems.div_ceil(2) as f64
+        + 4.0 * w_elems.div_ceil(bs) as f64
+        + 2.0 * (in_f + out_f) as f64;
+    let gemv_ms = time_ms(&dev, iters, || {
+        Ok(dev.gemv_4bit(
+            &a_row,
+            1,
+            &w_packed,
+            Scales::Absmax(&w_absmax),
+            QuantType::Nf4,
+            bs,
+            (out_f, in_f),
+            &mut y,
+        )?)
+    })?;
+    rows.push(("GEMV NF4 11008x4096, 1 row, f16", gemv_bytes, gemv_ms));
 
     let copy_gbs = copy_bytes / (copy_ms * 1e6);
     println!();

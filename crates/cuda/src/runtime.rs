@@ -388,7 +388,7 @@ impl Device {
         what: &'static str,
         slice: &S,
     ) -> Result<(), CudaError> {
-        if Arc::ptr_eq(slice.stream().context(), &self.ctx) {
+        if **slice.stream().context() == *self.ctx {
             Ok(())
         } else {
             Err(CudaError::ForeignContext { what })
@@ -400,7 +400,7 @@ impl Device {
         what: &'static str,
         slice: &S,
     ) -> Result<(), CudaError> {
-        if Arc::ptr_eq(slice.stream().context(), &self.ctx) {
+        if **slice.stream().context() == *self.ctx {
             Ok(())
         } else {
             Err(CudaError::ForeignContext { what })

@@ -75,7 +75,8 @@ impl CudaBackend {
     fn stream(&self, stream: &Stream) -> Result<Arc<CudaStream>, PoolError> {
         match stream {
             Stream::Default => Ok(self.ctx.default_stream()),
-            Stream::Cuda(s) if Arc::ptr_eq(s.context(), &self.ctx) => Ok(Arc::clone(s)),
+            // Same device and context handle (two `CudaContext` values may wrap one primary context).
+            Stream::Cuda(s) if **s.context() == *self.ctx => Ok(Arc::clone(s)),
             Stream::Cuda(_) => Err(PoolError::ForeignStream),
         }
     }
