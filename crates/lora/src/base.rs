@@ -367,17 +367,23 @@ impl BaseWeight {
                             if fused {
                                 let b0 = j * in_f / bs;
                                 let bytes = &packed[j * in_f / 2..(j + 1) * in_f / 2];
-                                let mut acc = [0.0f32; GEMV_MAX_TOKENS];
+                                let mut acc = [[0.0f32; LANES]; GEMV_MAX_TOKENS];
                                 for (b, pb) in bytes.chunks_exact(bs / 2).enumerate() {
                                     // The 16 values this block's codes stand for, rounded to
                                     // the weight dtype exactly as dequantization would.
                                     let lut = block_lut(table, absmax.get(b0 + b), dtype);
-                                    for (t, a) in acc.iter_mut().enumerate().take(n) {
-                                        let xb = &x[t * in_f + b * bs..t * in_f + (b + 1) * bs];
-                                        *a += nibble_dot(pb, xb, &lut);
+                                    let col0 = b * bs;
+                                    for (k, pk) in pb.chunks_exact(LANES / 2).enumerate() {
+                                        let w = decode16(pk, &lut);
+                                        let c = col0 + k * LANES;
+                                        for (t, a) in acc.iter_mut().enumerate().take(n) {
+                                            fma16(a, &w, &x[t * in_f + c..t * in_f + c + LANES]);
+                                        }
                                     }
                                 }
-                                yrow.copy_from_slice(&acc[..n]);
+                                for (yv, a) in yrow.iter_mut().zip(&acc) {
+                                    *yv = a.iter().sum();
+                                }
                             } else {
                                 // Rows do not start on a block boundary: decode the row.
                                 if row.is_empty() {
@@ -407,9 +413,19 @@ impl BaseWeight {
 pub(crate) fn round_to_dtype(v: &mut [f32], dtype: Dtype) {
     match dtype {
         Dtype::F32 => {}
-        Dtype::BF16 => v.iter_mut().for_each(|x| *x = bf16::from_f32(*x).to_f32()),
+        Dtype::BF16 => v.iter_mut().for_each(|x| *x = round_bf16(*x)),
         Dtype::F16 => v.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32()),
     }
+}
+
+/// f32 → bf16 → f32 with round-to-nearest-even, branch-free so loops over it vectorize
+/// (NaN stays NaN; equals `half::bf16::from_f32(x).to_f32()`).
+#[inline(always)]
+fn round_bf16(x: f32) -> f32 {
+    let bits = x.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) & 0xffff_0000;
+    let is_nan = (bits & 0x7fff_ffff) > 0x7f80_0000;
+    f32::from_bits(if is_nan { bits | 0x0040_0000 } else { rounded })
 }
 
 const LANES: usize = 16;
@@ -463,20 +479,59 @@ fn block_lut(table: &[f32; 16], absmax: f32, dtype: Dtype) -> [f32; 16] {
     lut
 }
 
-/// Σ lut[code_i]·x_i over one block, codes packed two per byte (first element in the high
-/// nibble): the codes are decoded into a small stack buffer that the dot product then reads.
-#[inline]
-fn nibble_dot(bytes: &[u8], x: &[f32], table: &[f32; 16]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    for (pb, xb) in bytes.chunks(LANES / 2).zip(x.chunks(LANES)) {
-        let mut w = [0.0f32; LANES];
-        for (i, &byte) in pb.iter().enumerate() {
-            w[2 * i] = table[(byte >> 4) as usize];
-            w[2 * i + 1] = table[(byte & 15) as usize];
+/// Decode 16 codes (8 bytes, first element in the high nibble) through a 16-entry table.
+#[inline(always)]
+fn decode16(bytes: &[u8], lut: &[f32; 16]) -> [f32; LANES] {
+    let mut w = [0.0f32; LANES];
+    for (i, &byte) in bytes.iter().enumerate().take(LANES / 2) {
+        w[2 * i] = lut[(byte >> 4) as usize];
+        w[2 * i + 1] = lut[(byte & 15) as usize];
+    }
+    w
+}
+
+/// `acc += w ⊙ x` on 16 lanes (fixed size, so it vectorizes).
+#[inline(always)]
+fn fma16(acc: &mut [f32; LANES], w: &[f32; LANES], x: &[f32]) {
+    let x: &[f32; LANES] = x.try_into().expect("16 lanes");
+    for l in 0..LANES {
+        acc[l] += w[l] * x[l];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_bf16_rounding_equals_half() {
+        let mut s = 0x1234_5678u32;
+        for _ in 0..1_000_000 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            let x = f32::from_bits(s);
+            let want = bf16::from_f32(x).to_f32();
+            let got = round_bf16(x);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{x:e}"
+            );
         }
-        for l in 0..xb.len() {
-            acc[l] += w[l] * xb[l];
+        for x in [
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1.0 + f32::EPSILON,
+        ] {
+            assert_eq!(
+                round_bf16(x).to_bits(),
+                bf16::from_f32(x).to_f32().to_bits(),
+                "{x:e}"
+            );
         }
     }
-    acc.iter().sum()
 }

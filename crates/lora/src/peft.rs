@@ -536,8 +536,18 @@ impl PeftAdapter {
         };
         for (module, w) in &self.modules {
             let r = self.config.params_for(module).r;
-            let in_f = w.a.len() / r.max(1);
-            let out_f = w.b.len() / r.max(1);
+            if r == 0 || w.a.len() % r != 0 || w.b.len() % r != 0 {
+                return Err(Error::Module {
+                    module: module.clone(),
+                    reason: format!(
+                        "lora_A ({} values) and lora_B ({} values) do not fit rank {r}",
+                        w.a.len(),
+                        w.b.len()
+                    ),
+                });
+            }
+            let in_f = w.a.len() / r;
+            let out_f = w.b.len() / r;
             push(
                 format!("{KEY_PREFIX}{module}.lora_A.weight"),
                 vec![r, in_f],

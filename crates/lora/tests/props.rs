@@ -153,3 +153,19 @@ proptest! {
         }
     }
 }
+
+#[cfg(feature = "testing")]
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Any layer from the exported strategy runs forward and backward with finite results.
+    #[test]
+    fn exported_strategy_layers_run(layer in qlora_lora::testing::small_layer(), n in 1usize..4) {
+        let in_f = layer.base().in_features();
+        let out_f = layer.base().out_features();
+        let x: Vec<f32> = (0..n * in_f).map(|i| (i as f32 * 0.3).sin()).collect();
+        let (y, cache) = layer.forward(&x, n, Mode::Train { seed: 1 }).unwrap();
+        let g = layer.backward(&x, &cache, &vec![1.0; n * out_f]).unwrap();
+        prop_assert!(y.iter().chain(&g.x).chain(&g.a).chain(&g.b).all(|v| v.is_finite()));
+    }
+}
