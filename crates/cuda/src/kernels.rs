@@ -114,3 +114,68 @@ pub const NVRTC_OPTIONS: [&str; 4] = [
     "--prec-sqrt=true",
     "--ftz=false",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_source_states_its_launch_contract_first() {
+        for program in Program::ALL {
+            let raw = program.raw_source();
+            let opening = &raw[..raw.find("*/").expect("opening comment is closed")];
+            assert!(raw.starts_with("/*"), "{}", program.file_name());
+            assert!(
+                opening.contains(program.file_name()),
+                "{}",
+                program.file_name()
+            );
+            assert!(
+                opening.contains("Launch contract"),
+                "{}",
+                program.file_name()
+            );
+            assert!(opening.contains("grid"), "{}", program.file_name());
+        }
+    }
+
+    #[test]
+    fn spliced_sources_are_self_contained() {
+        for program in Program::ALL {
+            let src = program.source();
+            assert!(
+                !src.contains("#include"),
+                "{} still includes a file",
+                program.file_name()
+            );
+            assert!(src.contains("#define QLORA_KERNELS_H"));
+            assert!(src.contains("#define QLORA_COMMON_CUH"));
+            // Each entry point is defined: directly, or through the file's instantiation macro.
+            for kernel in program.kernels() {
+                let suffix = kernel.rsplit('_').next().unwrap();
+                let prefix = &kernel[..kernel.len() - suffix.len() - 1];
+                assert!(
+                    src.contains(kernel) || src.contains(&format!("{prefix}_##SUFFIX")),
+                    "{}: no definition of {kernel}",
+                    program.file_name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn no_fast_math_option() {
+        let approximate = [
+            "--use_fast_math",
+            "--ftz=true",
+            "--fmad=true",
+            "--prec-div=false",
+            "--prec-sqrt=false",
+        ];
+        for opt in NVRTC_OPTIONS {
+            assert!(!approximate.contains(&opt), "{opt}");
+        }
+        assert!(NVRTC_OPTIONS.contains(&"--fmad=false"));
+        assert!(NVRTC_OPTIONS.contains(&"--ftz=false"));
+    }
+}

@@ -110,9 +110,6 @@ pub fn probe() -> Availability {
 /// [`CudaError::NvrtcUnavailable`] without libnvrtc, [`CudaError::InvalidArgument`] for an
 /// architecture that is not `sm_<digits>[a|f]`, [`CudaError::Compile`] with NVRTC's log.
 pub fn compile_program(program: Program, arch: &str) -> Result<Ptx, CudaError> {
-    if !nvrtc_available() {
-        return Err(CudaError::NvrtcUnavailable);
-    }
     let valid_arch = arch.strip_prefix("sm_").is_some_and(|rest| {
         let digits = rest.trim_end_matches(['a', 'f']);
         !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
@@ -121,6 +118,9 @@ pub fn compile_program(program: Program, arch: &str) -> Result<Ptx, CudaError> {
         return Err(CudaError::InvalidArgument {
             reason: format!("architecture {arch:?} is not of the form sm_XY"),
         });
+    }
+    if !nvrtc_available() {
+        return Err(CudaError::NvrtcUnavailable);
     }
     let mut options: Vec<String> = NVRTC_OPTIONS.iter().map(|s| s.to_string()).collect();
     options.push(format!("--gpu-architecture={arch}"));
