@@ -326,3 +326,36 @@ fn global_pool_is_created_once() {
 fn handle_overhead_is_as_documented() {
     assert_eq!(std::mem::size_of::<PagedBuf<f32>>(), 56);
 }
+
+#[test]
+fn pools_and_buffers_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Pool>();
+    send_sync::<PagedBuf<f32>>();
+    let pool = Pool::new(PoolConfig::host(1 << 20)).unwrap();
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    let mut buf = pool.alloc::<u32>(100 + 10 * i).unwrap();
+                    buf.as_mut_slice().unwrap().fill(t);
+                    assert!(buf.as_slice().unwrap().iter().all(|&v| v == t));
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let stats = pool.stats();
+    assert_eq!(
+        (
+            stats.live_buffers,
+            stats.bytes_in_use,
+            stats.bytes_allocated
+        ),
+        (0, 0, 0)
+    );
+    assert!(stats.bytes_reserved <= 1 << 20);
+}
