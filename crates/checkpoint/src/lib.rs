@@ -39,6 +39,46 @@
 //! assert!(matches!(checkpoint.entries()[0], Entry::Dense { .. } | Entry::Quantized { .. }));
 //! # Ok::<(), qlora_checkpoint::Error>(())
 //! ```
+//!
+//! # Model folders
+//!
+//! [`ModelFolder`] opens what `save_pretrained` writes (`config.json`, `model.safetensors` or
+//! shards + `model.safetensors.index.json`) lazily: it validates every header, the index against
+//! the shards and `config.json`, and reads tensor bytes only when asked, through a memory map of
+//! just that tensor. A 4-bit group may span shards. [`convert_model`] quantizes or dequantizes a
+//! whole folder into a new one that transformers loads as is:
+//!
+//! ```
+//! use qlora_checkpoint::{convert_model, Conversion, ConvertOptions, ModelFolder, QuantizeFileOptions};
+//! use qlora_codec::QuantizeOptions;
+//! # let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/checkpoints");
+//! # let tmp = tempfile::tempdir()?;
+//! let out = tmp.path().join("tiny-llama-nf4");
+//! let quantize = Conversion::Quantize {
+//!     options: QuantizeFileOptions {
+//!         quant: QuantizeOptions { double_quant: true, ..QuantizeOptions::qlora() },
+//!         ..Default::default()
+//!     },
+//!     compute_dtype: None, // from config.json's dtype
+//! };
+//! let report = convert_model(&data.join("tiny-llama-bf16"), &out, &quantize, &ConvertOptions::default())?;
+//! assert_eq!(report.shards, ["model.safetensors"]);
+//! let model = ModelFolder::open(&out)?;
+//! let q = model.quantized("model.layers.0.mlp.down_proj.weight")?;
+//! assert_eq!((q.shape(), q.is_double_quant()), (&[64, 176][..], true));
+//! assert!(qlora_checkpoint::is_bnb_4bit(model.config().unwrap()));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Memory: conversion streams. Tensors are read through per-tensor maps, converted in parallel
+//! (rayon) and written straight to their offset in the output shard, so the peak resident set
+//! is about `threads × (largest tensor + its converted output)` plus a few tens of MB, whatever
+//! the model size (measured: a 2.5 GB bf16 model with 52 MB tensors, 2 threads → 173 MB peak
+//! RSS; `crates/cli/tests/cli.rs`). Output shards follow transformers' `max_shard_size` rule
+//! (default 50 GB as in transformers 5, so most models give one `model.safetensors`); see
+//! [`convert_model`]. Output is written to a hidden temporary name next to the destination
+//! and renamed at the end: a failed run leaves nothing (a killed one leaves only the hidden
+//! `.NAME.tmp-PID`).
 #![deny(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -730,8 +730,28 @@ fn write_text_file(path: &Path, text: &str) -> Result<()> {
 }
 
 /// Convert a model folder (or a single safetensors file) into a new one that transformers loads
-/// as is; see the module docs for the layout. For a folder, `config.json` gets (quantize) or
-/// loses (dequantize) its `quantization_config`, and every other non-weight file is copied.
+/// as is. For a folder, `config.json` gets (quantize) or loses (dequantize) its
+/// `quantization_config` (written like transformers: sorted keys, indent 2), and every other
+/// non-weight file (tokenizer, generation config, …) is copied; weight files that were not read
+/// (`*.bin`, stray `*.safetensors`) are listed in [`ConvertReport::skipped_files`].
+///
+/// * Shards follow transformers' `save_pretrained` rule (`huggingface_hub`'s
+///   `split_state_dict_into_shards`): tensors in input order are packed greedily into shards of
+///   at most [`ConvertOptions::max_shard_size`] bytes (default [`DEFAULT_MAX_SHARD_SIZE`], 50 GB
+///   as in transformers 5); a tensor larger than that gets a shard of its own. The input's own
+///   shard boundaries are not kept. One shard is written as `model.safetensors` without an index;
+///   several as `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`
+///   (`metadata.total_size`, `metadata.total_parameters`, `weight_map` of every tensor including
+///   the quant-state members). Two deviations, both invisible to loaders: the members of a 4-bit
+///   group are never split across shards, and a quant-state blob is counted at its upper bound
+///   (≤ 25 bytes more) when planning.
+/// * In each shard, data is ordered by element alignment like the safetensors writer, and the
+///   quant-state blobs come last; the header is reserved at its largest possible size and padded
+///   with spaces, as the format allows.
+/// * Memory: tensors are read through per-tensor memory maps and converted in parallel, each
+///   written straight to its offset; peak memory is about threads × (largest tensor + its output).
+/// * Everything is written into a hidden temporary folder (or file) next to `output` and renamed
+///   at the end; on error nothing is left behind.
 ///
 /// `output` must not exist when `input` is a folder; a file output is replaced atomically.
 pub fn convert_model(
