@@ -109,6 +109,7 @@ pub use base::{BaseWeight, DenseData};
 pub use error::{Error, Result};
 pub use layer::{AdapterWeights, ForwardCache, LoraGrads, LoraLinear, LoraParams, Mode};
 pub use merge::{
-    delta_weight, merge_weight, MergeOptions, MergeOutput, MergeReport, RequantReport,
+    delta_weight, merge_adapter, merge_weight, MergeOptions, MergeOutput, MergeReport,
+    MergedModule, RequantReport,
 };
 pub use qlora_codec::{Dtype, QuantType, QuantizeOptions, QuantizedTensor};

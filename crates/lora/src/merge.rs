@@ -312,3 +312,87 @@ pub fn dora_weight_norm(
         params.scaling() as f32,
     )
 }
+
+/// One module of a merged adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergedModule {
+    /// The module path, e.g. `model.layers.0.self_attn.q_proj` (its weight is `<module>.weight`).
+    pub module: String,
+    /// The merged weight.
+    pub weight: BaseWeight,
+    /// What the merge did.
+    pub report: MergeReport,
+}
+
+/// Merge every module of a PEFT adapter into its base weight.
+///
+/// `base_for(module)` returns the stored weight `<module>.weight` (dense as stored, `[rows,
+/// cols]`; a `fan_in_fan_out` adapter reinterprets a dense weight as `[in, out]`), or `None` when
+/// the base has no such weight. Each module gets the rank and alpha its config assigns
+/// (`rank_pattern`, `alpha_pattern`). Errors name the module: a missing weight, factors whose
+/// shapes do not fit it, a `fan_in_fan_out` adapter over a 4-bit weight.
+pub fn merge_adapter(
+    adapter: &crate::peft::PeftAdapter,
+    mut base_for: impl FnMut(&str) -> Result<Option<BaseWeight>>,
+    options: MergeOptions,
+) -> Result<Vec<MergedModule>> {
+    let cfg = &adapter.config;
+    let mut out = Vec::with_capacity(adapter.modules.len());
+    for (module, weights) in &adapter.modules {
+        let merr = |reason: String| Error::Module {
+            module: module.clone(),
+            reason,
+        };
+        let stored = base_for(module)?
+            .ok_or_else(|| merr(format!("the base has no weight {module}.weight")))?;
+        let base = match (stored, cfg.fan_in_fan_out) {
+            (
+                BaseWeight::Dense {
+                    data,
+                    out_features: rows,
+                    in_features: cols,
+                    fan_in_fan_out: false,
+                },
+                true,
+            ) => BaseWeight::dense_fan_in_fan_out(data, cols, rows)?,
+            (BaseWeight::Quantized(_), true) => {
+                return Err(merr(
+                    "fan_in_fan_out adapters cannot apply to a 4-bit weight".into(),
+                ))
+            }
+            (b, _) => b,
+        };
+        let params = cfg.params_for(module);
+        let (out_f, in_f, r) = (base.out_features(), base.in_features(), params.r);
+        if weights.a.len() != r * in_f || weights.b.len() != out_f * r {
+            return Err(merr(format!(
+                "adapter factors lora_A [{r}, {}] and lora_B [{}, {r}] do not fit the base weight [out {out_f}, in {in_f}]",
+                weights.a.len() / r.max(1),
+                weights.b.len() / r.max(1)
+            )));
+        }
+        if let Some(m) = &weights.magnitude {
+            if m.len() != out_f {
+                return Err(merr(format!(
+                    "lora_magnitude_vector has {} values, the weight has {out_f} outputs",
+                    m.len()
+                )));
+            }
+        }
+        let (weight, report) =
+            merge_weight(&base, &params, weights, options).map_err(|e| match e {
+                Error::NonFinite { what, index, value } => Error::NonFinite {
+                    what: format!("{module}: {what}"),
+                    index,
+                    value,
+                },
+                other => other,
+            })?;
+        out.push(MergedModule {
+            module: module.clone(),
+            weight,
+            report,
+        });
+    }
+    Ok(out)
+}

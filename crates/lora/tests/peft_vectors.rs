@@ -388,3 +388,30 @@ fn saved_adapters_are_byte_identical_to_peft() {
         assert_eq!(reread, ad);
     }
 }
+
+#[test]
+fn whole_adapter_merge_checks_the_base() {
+    let base = bf16_base();
+    let ad = adapter("rslora");
+    let lookup = |m: &str| -> qlora_lora::Result<Option<BaseWeight>> {
+        Ok(base
+            .get(&format!("{m}.weight"))
+            .map(|(s, d)| BaseWeight::dense(DenseData::Bf16(d.clone()), s[0], s[1]).unwrap()))
+    };
+    let merged = qlora_lora::merge_adapter(&ad, lookup, MergeOptions::default()).unwrap();
+    assert_eq!(merged.len(), 6);
+    assert!(merged.iter().all(|m| m.report.delta_norm > 0.0));
+    // a missing module and a shape mismatch are named
+    let err = qlora_lora::merge_adapter(&ad, |_| Ok(None), MergeOptions::default()).unwrap_err();
+    assert!(
+        matches!(&err, qlora_lora::Error::Module { module, .. } if module.contains("layers.0")),
+        "{err}"
+    );
+    let wrong = |_: &str| -> qlora_lora::Result<Option<BaseWeight>> {
+        Ok(Some(
+            BaseWeight::dense(DenseData::F32(vec![0.0; 12]), 3, 4).unwrap(),
+        ))
+    };
+    let err = qlora_lora::merge_adapter(&ad, wrong, MergeOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("do not fit"), "{err}");
+}
