@@ -74,8 +74,14 @@
 //! | f32 | `8` |
 //!
 //! The 8-bit step reads and writes every byte of parameter, gradient and state once (for f32
-//! parameters and gradients: 18 bytes per element), fused per 256-block. Tensors of at least
-//! [`PARALLEL_THRESHOLD`] elements run on the rayon pool; results do not depend on threading.
+//! parameters and gradients: 16 bytes per element, plus 16 bytes of absmax per 256 elements),
+//! fused per 256-block: dequantize, update and re-quantize while the block sits in L1. Tensors of
+//! at least [`PARALLEL_THRESHOLD`] elements run on the rayon pool; results do not depend on
+//! threading. Cost on one core of a (shared) 2-core AMD EPYC VM, scalar code (no `unsafe`, no
+//! SIMD intrinsics; the update itself auto-vectorizes, the table lookups of the codes do not):
+//! about 8 ns per element for the 8-bit step and 3 ns for the 32-bit step, i.e. the 8-bit step is
+//! compute-bound on CPU and the 32-bit step close to memory-bound. `benches/adamw.rs` prints both
+//! as a fraction of a memcpy measured in the same run.
 //!
 //! # Agreement with bitsandbytes
 //!
@@ -111,3 +117,8 @@ pub use qlora_paged_alloc::{Pool, PoolConfig};
 pub use schedule::{warmup_steps_from_ratio, LrSchedule};
 pub use state::{ParamState, StateKind, StateTensors, TensorData};
 pub use storage::{HostStorage, StateBuffer, StateStorage};
+
+/// The README's example, compiled and run as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
