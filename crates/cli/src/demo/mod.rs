@@ -136,7 +136,7 @@ fn progress(len: u64, prefix: &'static str) -> Result<ProgressBar, DemoError> {
         return Ok(ProgressBar::hidden());
     }
     let style = ProgressStyle::with_template(
-        "{prefix:>9} [{bar:30.cyan/blue}] {pos:>5}/{len:5} {elapsed_precise} {msg}",
+        "{prefix:>9} [{bar:24.cyan/blue}] {pos:>4}/{len} {elapsed:>4} {msg}",
     )
     .map_err(|e| DemoError::Progress(e.to_string()))?
     .progress_chars("=> ");
@@ -144,6 +144,18 @@ fn progress(len: u64, prefix: &'static str) -> Result<ProgressBar, DemoError> {
     bar.set_style(style);
     bar.set_prefix(prefix);
     Ok(bar)
+}
+
+/// A spinner for a phase without steps (evaluation, saving), on stderr when it is a terminal.
+fn spinner(message: &'static str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    bar.set_style(ProgressStyle::default_spinner());
+    bar.set_message(message);
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
 }
 
 /// Random training positions (each with a full context before it).
@@ -350,6 +362,7 @@ fn run(args: &DemoArgs) -> Result<(), DemoError> {
     timing.quantize = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
+    let spin = spinner("evaluating the base model");
     let bf16_model = base.dense_model();
     let base_bf16_loss = bf16_model.mean_loss(&ft_tokens)?;
     let params = LoraParams {
@@ -367,6 +380,7 @@ fn run(args: &DemoArgs) -> Result<(), DemoError> {
         &vocab,
         &qmodel.generate(&prompt, SAMPLE_LEN, TEMPERATURE, sample_seed)?,
     );
+    spin.finish_and_clear();
     timing.eval += t.elapsed().as_secs_f64();
 
     // 3. Fine-tune the adapters with paged 8-bit AdamW on a host pool.
@@ -439,6 +453,7 @@ fn run(args: &DemoArgs) -> Result<(), DemoError> {
     let tokens_per_s = (args.steps as usize * BATCH) as f64 / timing.finetune;
 
     let t = Instant::now();
+    let spin = spinner("evaluating the fine-tuned model");
     let loss_after = qmodel.mean_loss(&ft_tokens)?;
     let forget_after = qmodel.mean_loss(forget_tokens)?;
     let sample_after = decode(
@@ -453,14 +468,17 @@ fn run(args: &DemoArgs) -> Result<(), DemoError> {
         }
     }
     let merged_nf4_loss = requant.mean_loss(&ft_tokens)?;
+    spin.finish_and_clear();
     timing.eval += t.elapsed().as_secs_f64();
 
     // 4. Save and reload.
     let t = Instant::now();
+    let spin = spinner("saving and reloading");
     let layers = lora_layers(&qmodel)?;
     let adapters: [AdapterWeights; 2] = [layers[0].weights().clone(), layers[1].weights().clone()];
     let saved = persist::save_all(&args.out, &vocab, &base, &quantized, &adapters, params)?;
     let reload = persist::reload_and_check(&saved, &vocab, &ft_tokens)?;
+    spin.finish_and_clear();
     timing.save_reload = t.elapsed().as_secs_f64();
     let adapter_diff = (reload.adapter_loss - loss_after).abs();
     let merged_diff = (reload.merged_loss - loss_after).abs();
