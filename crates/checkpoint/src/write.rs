@@ -897,9 +897,11 @@ pub fn convert_model(
                 source,
             })?;
         others.sort_by_key(|e| e.file_name());
+        let tmp_canonical = std::fs::canonicalize(&tmp).ok();
         for e in others {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name == CONFIG_FILE_NAME {
+            // An output inside the input folder must not copy itself into itself.
+            if name == CONFIG_FILE_NAME || std::fs::canonicalize(e.path()).ok() == tmp_canonical {
                 continue;
             }
             if is_weight_file(&name) {

@@ -447,3 +447,77 @@ fn config_problems_are_named() {
     );
     assert!(!tmp.path().join("out").exists());
 }
+
+#[test]
+fn selection_overrides_are_recorded_in_the_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = testdata("checkpoints/tiny-llama-bf16");
+    let quantize = |only: &[&str], skip: &[&str]| Conversion::Quantize {
+        options: QuantizeFileOptions {
+            quant: QuantizeOptions::qlora(),
+            selection: qlora_checkpoint::Selection::new(
+                &only.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                &skip.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )
+            .unwrap(),
+            allow_non_finite: false,
+        },
+        compute_dtype: Some(Dtype::F32),
+    };
+    let skip_modules = |dir: &Path| {
+        let c = ModelFolder::open(dir).unwrap().config().unwrap().clone();
+        let q = c["quantization_config"].as_object().unwrap().clone();
+        assert_eq!(q["bnb_4bit_compute_dtype"], "float32");
+        assert_eq!(q["bnb_4bit_use_double_quant"], true);
+        q["llm_int8_skip_modules"].clone()
+    };
+    // --skip mlp: the MLP projections (and lm_head, as by default) stay dense and are named.
+    let out = tmp.path().join("skip");
+    convert_model(
+        &input,
+        &out,
+        &quantize(&[], &["mlp"]),
+        &ConvertOptions::default(),
+    )
+    .unwrap();
+    let skipped = skip_modules(&out);
+    let mut skipped: Vec<&str> = skipped
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    skipped.sort();
+    assert_eq!(skipped.len(), 2 * 3 + 2, "{skipped:?}");
+    assert!(skipped.contains(&"lm_head") && skipped.contains(&"model.layers.1.mlp.up_proj"));
+    let m = ModelFolder::open(&out).unwrap();
+    assert!(m.quantized("model.layers.0.mlp.up_proj.weight").is_err());
+    assert!(m
+        .quantized("model.layers.0.self_attn.q_proj.weight")
+        .is_ok());
+    // The default selection writes null, like BitsAndBytesConfig.
+    let out = tmp.path().join("default");
+    convert_model(
+        &input,
+        &out,
+        &quantize(&[], &[]),
+        &ConvertOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(skip_modules(&out), serde_json::Value::Null);
+    // An output folder inside the input folder does not copy itself.
+    let inner_in = tmp.path().join("in");
+    copy_dir(&input, &inner_in);
+    let inner_out = inner_in.join("nf4");
+    convert_model(
+        &inner_in,
+        &inner_out,
+        &quantize(&[], &[]),
+        &ConvertOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        entries_in(&inner_out),
+        ["config.json", "generation_config.json", "model.safetensors"]
+    );
+}
