@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 seconds="${FUZZ_SECONDS:-10}"
-targets=(safetensors_checkpoint model_file quant_state_json index_json config_json dequantize_bytes)
+targets=(safetensors_checkpoint model_file quant_state_json index_json config_json dequantize_bytes optim_state)
 
 use_libfuzzer=0
 if [[ "${FUZZ_STABLE:-0}" != 1 ]] && cargo fuzz --help >/dev/null 2>&1 \
