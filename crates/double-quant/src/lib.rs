@@ -54,6 +54,9 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod maps_table;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 
 use rayon::prelude::*;
 

@@ -87,6 +87,9 @@ pub mod int4;
 mod kernel;
 pub mod scalar;
 mod tensor;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 
 use half::{bf16, f16};
 
