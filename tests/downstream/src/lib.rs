@@ -1,0 +1,4 @@
+//! Property tests against the `qlora-nf4` facade, written as a downstream crate would write them:
+//! only public APIs, the strategies and oracles of the layers' `testing` features. The tests live
+//! in `tests/`; this library is empty.
+#![forbid(unsafe_code)]
