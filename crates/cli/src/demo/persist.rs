@@ -294,3 +294,92 @@ pub(crate) fn reload_and_check(
         merged_loss: merged.mean_loss(tokens)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::demo::model::{CharMlp, CONTEXT};
+    use qlora_codec::QuantizeOptions;
+    use qlora_lora::{init, Mode};
+
+    fn setup() -> (
+        Vocab,
+        BaseBf16,
+        [QuantizedTensor; 2],
+        [AdapterWeights; 2],
+        LoraParams,
+    ) {
+        let vocab = Vocab::from_texts(&["abcdefgh\n ."]);
+        let base = BaseBf16::from_dense(&CharMlp::init(vocab.len(), 11)).unwrap();
+        let q = |i: usize, in_f: usize| {
+            QuantizedTensor::quantize(&base.fc_w[i], &[HIDDEN, in_f], QuantizeOptions::qlora())
+                .unwrap()
+        };
+        let quantized = [q(0, FC1_IN), q(1, HIDDEN)];
+        let params = LoraParams::new(4, 8.0);
+        // init_random: B ≠ 0, so the adapter changes the output.
+        let adapters = [
+            init::init_random(4, FC1_IN, HIDDEN, 1),
+            init::init_random(4, HIDDEN, HIDDEN, 2),
+        ];
+        (vocab, base, quantized, adapters, params)
+    }
+
+    #[test]
+    fn saved_model_reloads_to_the_same_outputs() {
+        let (vocab, base, quantized, adapters, params) = setup();
+        let dir = tempfile::tempdir().unwrap();
+        let saved = save_all(dir.path(), &vocab, &base, &quantized, &adapters, params).unwrap();
+        let adapter = PeftAdapter::load(&saved.adapter_dir).unwrap();
+        let reloaded = load_model(&saved.base_path, Some(&adapter), &vocab).unwrap();
+        let merged = load_model(&saved.merged_path, None, &vocab).unwrap();
+
+        let mut in_memory = crate::demo::qlora_model(&base, &quantized, params, 0).unwrap();
+        for (h, w) in in_memory.fc.iter_mut().zip(&adapters) {
+            let Hidden::Lora(l) = h else {
+                panic!("LoRA layer expected")
+            };
+            *l.weights_mut() = w.clone();
+        }
+        let ctx: Vec<u32> = (0..4 * CONTEXT as u32)
+            .map(|i| i % vocab.len() as u32)
+            .collect();
+        let want = in_memory.forward(&ctx, Mode::Eval).unwrap().logits;
+        assert_eq!(reloaded.forward(&ctx, Mode::Eval).unwrap().logits, want);
+        let got = merged.forward(&ctx, Mode::Eval).unwrap().logits;
+        let max_err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(max_err < 0.05, "merged bf16 model is off by {max_err}");
+        // The adapter really is part of the output.
+        let base_only = crate::demo::qlora_model(&base, &quantized, params, 0).unwrap();
+        assert_ne!(base_only.forward(&ctx, Mode::Eval).unwrap().logits, want);
+    }
+
+    #[test]
+    fn foreign_or_damaged_checkpoints_are_errors() {
+        let (vocab, base, quantized, adapters, params) = setup();
+        let dir = tempfile::tempdir().unwrap();
+        let saved = save_all(dir.path(), &vocab, &base, &quantized, &adapters, params).unwrap();
+
+        let other = Vocab::from_texts(&["xyz"]);
+        let e = load_model(&saved.merged_path, None, &other).unwrap_err();
+        assert!(e.to_string().contains("vocabulary"), "{e}");
+
+        // The 4-bit base without an adapter loads dequantized; with an adapter lacking a
+        // module it is an error.
+        assert!(load_model(&saved.base_path, None, &vocab).is_ok());
+        let mut adapter = PeftAdapter::load(&saved.adapter_dir).unwrap();
+        adapter.modules.remove(FC_NAMES[1]);
+        let e = load_model(&saved.base_path, Some(&adapter), &vocab).unwrap_err();
+        assert!(e.to_string().contains("fc2"), "{e}");
+
+        let bytes = std::fs::read(&saved.base_path).unwrap();
+        let cut = dir.path().join("cut.safetensors");
+        std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(load_model(&cut, None, &vocab).is_err());
+        assert!(load_model(&dir.path().join("missing.safetensors"), None, &vocab).is_err());
+    }
+}
