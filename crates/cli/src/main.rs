@@ -6,6 +6,7 @@ mod convert;
 mod demo;
 mod estimate;
 mod inspect;
+mod merge;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -35,6 +36,8 @@ enum Command {
     Estimate(estimate::EstimateArgs),
     /// Measure CPU quantize/dequantize throughput against a memcpy of the same bytes.
     Bench(bench::BenchArgs),
+    /// Merge a PEFT LoRA/DoRA adapter into a dense or 4-bit model (PEFT's merge_and_unload).
+    Merge(merge::MergeArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Estimate(args) => estimate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Merge(args) => merge::run(args),
     };
     if std::env::var_os("QLORA_PRINT_PEAK_RSS").is_some() {
         print_peak_rss();
