@@ -208,8 +208,10 @@ unsafe fn load16<const SRC: u8>(p: *const u8) -> __m512 {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
 fn encode_nf4(xn: __m512, thresholds: __m512) -> __m512i {
-    let mut code = _mm512_setzero_si512();
-    for step in [8, 4, 2, 1] {
+    // First step against the middle threshold directly (no lookup needed).
+    let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xn, _mm512_set1_ps(codebook::NF4_THRESHOLDS[7]));
+    let mut code = _mm512_maskz_mov_epi32(above, _mm512_set1_epi32(8));
+    for step in [4, 2, 1] {
         let probe = _mm512_add_epi32(code, _mm512_set1_epi32(step - 1));
         let t = _mm512_permutexvar_ps(probe, thresholds);
         let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xn, t);
@@ -278,46 +280,122 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
     let thresholds = unsafe { _mm512_loadu_ps(thr.as_ptr()) };
     // Magnitude level (count of thresholds exceeded) → FP4 bit pattern.
     let patterns = _mm512_setr_epi32(0, 1, 6, 7, 4, 5, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0);
-    for (b, am) in absmax.iter_mut().enumerate() {
-        let s = b * bs;
-        let len = bs.min(n - s);
-        let (full, rem) = (len / 16, len % 16);
-        let block = &x[s * elem_size..(s + len) * elem_size];
-        // The partial last vector, zero-padded (the kernels' padding: 0 in the absmax, and the
-        // pad nibble encodes 0·inv).
+    let nblocks = absmax.len();
+    // Blocks go in groups: first every absmax of the group, then every code. The division and
+    // the reduction of one block then overlap the encoding of others instead of stalling it.
+    let group = (2048 / bs).max(1);
+    let mut g0 = 0;
+    while g0 < nblocks {
+        let g1 = (g0 + group).min(nblocks);
+        for (b, am) in absmax.iter_mut().enumerate().take(g1).skip(g0) {
+            let s = b * bs;
+            let len = bs.min(n - s);
+            // SAFETY: the caller's contract (features, lengths) holds for this block.
+            *am =
+                unsafe { block_absmax::<SRC>(&x[s * elem_size..(s + len) * elem_size], elem_size) };
+        }
+        for (b, &a) in absmax.iter().enumerate().take(g1).skip(g0) {
+            let s = b * bs;
+            let len = bs.min(n - s);
+            let bytes = &mut packed[s / 2..s / 2 + len.div_ceil(2)];
+            // SAFETY: the caller's contract (features, lengths) holds for this block.
+            unsafe {
+                encode_block::<SRC, NF4>(
+                    &x[s * elem_size..(s + len) * elem_size],
+                    elem_size,
+                    1.0f32 / a,
+                    bytes,
+                    thresholds,
+                    patterns,
+                )
+            };
+        }
+        g0 = g1;
+    }
+}
+
+/// The largest |x| of one block (NaN ignored), the zero-padded partial vector included.
+///
+/// # Safety
+/// AVX-512 F and BW must be available; `block` holds whole elements of `elem_size` bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn block_absmax<const SRC: u8>(block: &[u8], elem_size: usize) -> f32 {
+    let len = block.len() / elem_size;
+    let (full, rem) = (len / 16, len % 16);
+    let mut acc = _mm512_setzero_ps();
+    for v in 0..full {
+        // SAFETY: vector `v` lies inside `block` (v < len/16).
+        let xv = unsafe { load16::<SRC>(block.as_ptr().add(v * 16 * elem_size)) };
+        acc = _mm512_max_ps(_mm512_abs_ps(xv), acc);
+    }
+    if rem > 0 {
         let mut tail = [0u8; 64];
         tail[..rem * elem_size].copy_from_slice(&block[full * 16 * elem_size..]);
-        let mut acc = _mm512_setzero_ps();
-        for v in 0..full {
-            // SAFETY: vector `v` lies inside `block` (v < len/16).
-            let xv = unsafe { load16::<SRC>(block.as_ptr().add(v * 16 * elem_size)) };
-            acc = _mm512_max_ps(_mm512_abs_ps(xv), acc);
-        }
-        if rem > 0 {
-            // SAFETY: `tail` holds 64 bytes, ≥ 16 elements.
-            let xv = unsafe { load16::<SRC>(tail.as_ptr()) };
-            acc = _mm512_max_ps(_mm512_abs_ps(xv), acc);
-        }
-        let a = _mm512_reduce_max_ps(acc);
-        *am = a;
-        let inv = _mm512_set1_ps(1.0f32 / a);
-        let bytes = &mut packed[s / 2..s / 2 + len.div_ceil(2)];
-        for v in 0..full {
-            // SAFETY: vector `v` lies inside `block`.
-            let xv = unsafe { load16::<SRC>(block.as_ptr().add(v * 16 * elem_size)) };
-            let packed8 = pack16(encode::<NF4>(_mm512_mul_ps(xv, inv), thresholds, patterns));
-            // SAFETY: bytes 8v .. 8v+8 lie inside `bytes` (16(v+1) ≤ len).
-            unsafe { _mm_storel_epi64(bytes.as_mut_ptr().add(8 * v).cast(), packed8) };
-        }
-        if rem > 0 {
-            // SAFETY: `tail` holds 64 bytes, ≥ 16 elements.
-            let xv = unsafe { load16::<SRC>(tail.as_ptr()) };
-            let packed8 = pack16(encode::<NF4>(_mm512_mul_ps(xv, inv), thresholds, patterns));
-            let mut out = [0u8; 16];
-            // SAFETY: `out` holds 16 bytes.
-            unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), packed8) };
-            bytes[8 * full..].copy_from_slice(&out[..rem.div_ceil(2)]);
-        }
+        // SAFETY: `tail` holds 64 bytes, ≥ 16 elements.
+        let xv = unsafe { load16::<SRC>(tail.as_ptr()) };
+        acc = _mm512_max_ps(_mm512_abs_ps(xv), acc);
+    }
+    _mm512_reduce_max_ps(acc)
+}
+
+/// Codes of one block, given `inv = 1/absmax`, into `bytes` (`ceil(len/2)` bytes). The partial
+/// last vector is zero-padded: its pad nibble is the code of `0·inv`, as in the kernels.
+///
+/// # Safety
+/// AVX-512 F and BW must be available; `block` holds whole elements of `elem_size` bytes and
+/// `bytes` holds half as many bytes as elements, rounded up.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn encode_block<const SRC: u8, const NF4: bool>(
+    block: &[u8],
+    elem_size: usize,
+    inv: f32,
+    bytes: &mut [u8],
+    thresholds: __m512,
+    patterns: __m512i,
+) {
+    let len = block.len() / elem_size;
+    let (full, rem) = (len / 16, len % 16);
+    let inv = _mm512_set1_ps(inv);
+    // Two vectors per 16-byte store (a `vpmovqb` straight to memory is slow on some cores).
+    let mut v = 0;
+    while v + 2 <= full {
+        // SAFETY: vectors `v`, `v+1` lie inside `block`.
+        let (x0, x1) = unsafe {
+            (
+                load16::<SRC>(block.as_ptr().add(v * 16 * elem_size)),
+                load16::<SRC>(block.as_ptr().add((v + 1) * 16 * elem_size)),
+            )
+        };
+        let p0 = pack16(encode::<NF4>(_mm512_mul_ps(x0, inv), thresholds, patterns));
+        let p1 = pack16(encode::<NF4>(_mm512_mul_ps(x1, inv), thresholds, patterns));
+        // SAFETY: bytes 8v .. 8v+16 lie inside `bytes` (16(v+2) ≤ len).
+        unsafe {
+            _mm_storeu_si128(
+                bytes.as_mut_ptr().add(8 * v).cast(),
+                _mm_unpacklo_epi64(p0, p1),
+            )
+        };
+        v += 2;
+    }
+    if v < full {
+        // SAFETY: vector `v` lies inside `block`.
+        let xv = unsafe { load16::<SRC>(block.as_ptr().add(v * 16 * elem_size)) };
+        let packed8 = pack16(encode::<NF4>(_mm512_mul_ps(xv, inv), thresholds, patterns));
+        // SAFETY: bytes 8v .. 8v+8 lie inside `bytes` (16(v+1) ≤ len).
+        unsafe { _mm_storel_epi64(bytes.as_mut_ptr().add(8 * v).cast(), packed8) };
+    }
+    if rem > 0 {
+        let mut tail = [0u8; 64];
+        tail[..rem * elem_size].copy_from_slice(&block[full * 16 * elem_size..]);
+        // SAFETY: `tail` holds 64 bytes, ≥ 16 elements.
+        let xv = unsafe { load16::<SRC>(tail.as_ptr()) };
+        let packed8 = pack16(encode::<NF4>(_mm512_mul_ps(xv, inv), thresholds, patterns));
+        let mut out = [0u8; 16];
+        // SAFETY: `out` holds 16 bytes.
+        unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), packed8) };
+        bytes[8 * full..].copy_from_slice(&out[..rem.div_ceil(2)]);
     }
 }
 
