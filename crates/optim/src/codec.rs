@@ -206,3 +206,20 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+        #[test]
+        fn fast_encoder_equals_the_binary_search(x in any::<f32>(), small in -1.0f32..1.0) {
+            for v in [x, small, small * 1e-6] {
+                prop_assert_eq!(FastEncoder::signed().encode(v), DynamicMap::signed().encode(v));
+                prop_assert_eq!(FastEncoder::unsigned().encode(v), DynamicMap::unsigned().encode(v));
+            }
+        }
+    }
+}
