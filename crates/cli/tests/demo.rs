@@ -73,6 +73,13 @@ fn short_demo_learns_saves_and_reloads() {
         "{m}"
     );
     assert_eq!(s["finetune"]["rank"], Value::from(16));
+    let table = s["memory_table"]
+        .as_array()
+        .expect("memory_table is a list");
+    assert_eq!(table.len(), m.as_object().unwrap().len());
+    assert!(table
+        .iter()
+        .all(|r| r["component"].is_string() && r["bytes"].is_u64()));
 
     // The files are there and are what they say.
     for f in [

@@ -612,6 +612,11 @@ fn run(args: &DemoArgs) -> Result<(), DemoError> {
             "merged_tolerance": MERGED_TOLERANCE,
         },
         "memory_bytes": memory.iter().map(|r| (r.key.to_string(), Value::from(r.bytes))).collect::<serde_json::Map<_, _>>(),
+        "memory_table": memory.iter().map(|r| json!({
+            "component": r.label,
+            "bytes": r.bytes,
+            "bits_per_param": r.params.map(|p| 8.0 * r.bytes as f64 / p as f64),
+        })).collect::<Vec<_>>(),
         "paged_pool": {
             "bytes_in_use": pool_stats.bytes_in_use,
             "bytes_reserved": pool_stats.bytes_reserved,
