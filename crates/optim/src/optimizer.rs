@@ -368,8 +368,10 @@ impl<S: StateStorage> Adam<S> {
     /// One optimizer step with every gradient multiplied by `gnorm_scale` inside the kernels
     /// (the fused form of gradient clipping: pass [`GradClip::coef`](crate::GradClip)).
     ///
-    /// All inputs are checked before any parameter is touched; an error leaves every parameter
-    /// and state unchanged.
+    /// All inputs are checked, and missing states allocated, before any parameter is touched:
+    /// bad input or a failed allocation leaves every parameter and state unchanged. (Only a
+    /// storage backend failing in the middle — a CUDA driver error while prefetching — can stop
+    /// a step after some parameters were updated; those keep their consistent new state.)
     pub fn step_scaled(
         &mut self,
         updates: &mut [ParamUpdate<'_>],
@@ -403,18 +405,37 @@ impl<S: StateStorage> Adam<S> {
                 .step_scalars(gnorm_scale)
                 .validate()?;
         }
-        for u in updates.iter_mut() {
+        // Create missing states first, so that a failing allocation (a paged pool over its
+        // budget) leaves every parameter untouched; states created here are dropped again.
+        let mut created = Vec::new();
+        for u in updates.iter() {
             let kind = self.kind_for(self.slot(u.id)?.numel);
+            let slot = &mut self.groups[u.id.group].params[u.id.index];
+            if slot.state.is_none() {
+                match ParamState::new(kind, slot.numel, &self.storage) {
+                    Ok(st) => {
+                        slot.state = Some(st);
+                        created.push(u.id);
+                    }
+                    Err(e) => {
+                        for id in created {
+                            self.groups[id.group].params[id.index].state = None;
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        for u in updates.iter_mut() {
             let group = &mut self.groups[u.id.group];
             let hp = group.hyper.step_scalars(gnorm_scale);
-            let slot = &mut group.params[u.id.index];
-            if slot.state.is_none() {
-                slot.state = Some(ParamState::new(kind, slot.numel, &self.storage)?);
-            }
-            let state = slot.state.as_mut().ok_or(Error::UnknownParam {
-                group: u.id.group,
-                index: u.id.index,
-            })?;
+            let state = group.params[u.id.index]
+                .state
+                .as_mut()
+                .ok_or(Error::UnknownParam {
+                    group: u.id.group,
+                    index: u.id.index,
+                })?;
             state.update(u.param.reborrow(), u.grad, &hp)?;
         }
         Ok(())

@@ -645,4 +645,23 @@ fn paged_pool_budget_exhaustion_is_a_storage_error() {
     }]);
     assert!(matches!(r, Err(Error::Storage(_))), "{r:?}");
     assert!(p.iter().all(|&x| x == 0.0));
+    // With a small parameter first in the same step: it is not updated either, and keeps no state.
+    let small = opt.add_param(0, 5000).unwrap();
+    let mut q = vec![0.0f32; 5000];
+    let gq = vec![0.1f32; 5000];
+    let r = opt.step(&mut [
+        ParamUpdate {
+            id: small,
+            param: TensorMut::F32(&mut q),
+            grad: TensorRef::F32(&gq),
+        },
+        ParamUpdate {
+            id,
+            param: TensorMut::F32(&mut p),
+            grad: TensorRef::F32(&g),
+        },
+    ]);
+    assert!(matches!(r, Err(Error::Storage(_))));
+    assert!(q.iter().all(|&x| x == 0.0));
+    assert!(opt.state(small).unwrap().is_none());
 }
