@@ -50,6 +50,12 @@
 //! | double quant | `8 / b + 32 / (256 b)` (0.127 at b = 64), plus 4 bytes of offset per tensor |
 //!
 //! See [`absmax_bits_per_param`].
+//!
+//! # Features
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `testing` | proptest strategies (absmax values, optimizer moments) and reference oracles ([`testing`](crate::testing) when enabled), for downstream property tests |
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

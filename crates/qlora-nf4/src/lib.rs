@@ -164,6 +164,8 @@ pub use qlora_paged_alloc as paged_alloc;
 /// Layer modules are re-exported too (`codec`, `lora`, `optim`, …) so that less common items
 /// stay one path away.
 pub mod prelude {
+    #[cfg(feature = "checkpoint")]
+    pub use crate::checkpoint;
     #[cfg(feature = "codec")]
     pub use crate::codec::{self, Dtype, QuantType, QuantizeOptions, QuantizedTensor};
     #[cfg(feature = "double-quant")]
@@ -178,6 +180,4 @@ pub mod prelude {
         self, clip_grad_norm, Adam, AdamConfig, LrSchedule, PagedAdam, ParamUpdate, TensorMut,
         TensorRef,
     };
-    #[cfg(feature = "checkpoint")]
-    pub use crate::checkpoint;
 }
