@@ -9,7 +9,8 @@
 //!
 //! After criterion's report the bench prints each step's bandwidth as a ratio to the faster of a
 //! single-threaded and a rayon-parallel memcpy (the bandwidth limit of this machine).
-//! Short run: `cargo bench -p qlora-optim --bench adamw -- --quick` or set `QLORA_BENCH_N`.
+//! Short run: `cargo bench -p qlora-optim --bench adamw -- --warm-up-time 1 --measurement-time 4`;
+//! `QLORA_BENCH_N` changes the tensor size (default 16 Mi elements).
 
 use criterion::{criterion_group, Criterion, Throughput};
 use qlora_optim::{
