@@ -98,6 +98,8 @@ fn short_demo_learns_saves_and_reloads() {
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 16);
     assert_eq!(cfg["lora_alpha"], 32);
+    assert_eq!(cfg["lora_dropout"], 0.05);
+    assert_eq!(cfg["target_modules"], serde_json::json!(["fc1", "fc2"]));
     let summary: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["loss_after"], s["loss_after"]);

@@ -118,7 +118,13 @@ pub(crate) fn save_all(
         params.alpha,
         TargetModules::List(vec!["fc1".into(), "fc2".into()]),
     );
-    config.lora_dropout = f64::from(params.dropout);
+    // The shortest decimal that round-trips the f32 (0.05, not 0.05000000074505806), as the
+    // Python float a user would have written.
+    config.lora_dropout = params
+        .dropout
+        .to_string()
+        .parse()
+        .unwrap_or(f64::from(params.dropout));
     config.task_type = Some("CAUSAL_LM".into());
     config.base_model_name_or_path = Some("../base".into());
     let modules: BTreeMap<String, AdapterWeights> = FC_NAMES
