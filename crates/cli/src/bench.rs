@@ -11,8 +11,8 @@
 use clap::Args;
 use half::{bf16, f16};
 use qlora_codec::{
-    dequantize_into, num_blocks, packed_len, quantize_into, AbsmaxView, DoubleQuantAbsmax, Element,
-    Implementation, QuantType,
+    dequantize_into, num_blocks, packed_len, quantize_into, AbsmaxView, Element, Implementation,
+    QuantType, QuantizeOptions, QuantizedTensor,
 };
 use rayon::prelude::*;
 use std::time::Instant;
@@ -60,6 +60,18 @@ impl Record {
     }
     fn ratio(&self) -> f64 {
         self.memcpy_seconds / self.seconds
+    }
+}
+
+/// Bytes of absmax storage: f32 per block, or codes + nested scales + offset.
+fn absmax_bytes(view: AbsmaxView<'_>) -> usize {
+    match view {
+        AbsmaxView::F32(a) => 4 * a.len(),
+        AbsmaxView::Double {
+            codes,
+            nested_absmax,
+            ..
+        } => codes.len() + 4 * nested_absmax.len() + 4,
     }
 }
 
@@ -136,22 +148,33 @@ fn bench_dtype<T: Element>(
     let dense = n * std::mem::size_of::<T>();
     for qt in [QuantType::Nf4, QuantType::Fp4] {
         for dq in [false, true] {
-            // Quantize (plus the double quantization of the absmax values when asked).
-            let mut stored = None;
+            // Quantize. With double quantization through `QuantizedTensor::quantize`, the path a
+            // user takes (it allocates its output and double-quantizes the absmax values).
+            let mut tensor = None;
             let mut err = None;
+            let options = QuantizeOptions {
+                quant_type: qt,
+                blocksize: bs,
+                double_quant: true,
+            };
             let seconds = best_of(args.reps, || {
-                if let Err(e) = quantize_into(qt, &input, bs, &mut packed, &mut absmax) {
+                let result = if dq {
+                    QuantizedTensor::quantize(&input, &[n], options).map(|t| tensor = Some(t))
+                } else {
+                    quantize_into(qt, &input, bs, &mut packed, &mut absmax)
+                };
+                if let Err(e) = result {
                     err = Some(e);
-                }
-                if dq {
-                    stored = Some(DoubleQuantAbsmax::compress(&absmax));
                 }
             });
             if let Some(e) = err {
                 return Err(format!("quantize: {e}"));
             }
-            let absmax_bytes = stored.as_ref().map_or(4 * absmax.len(), |d| d.nbytes());
-            let bytes = dense + packed.len() + absmax_bytes;
+            let (codes, view) = match &tensor {
+                Some(t) => (t.packed(), t.absmax().view()),
+                None => (&packed[..], AbsmaxView::F32(&absmax)),
+            };
+            let bytes = dense + codes.len() + absmax_bytes(view);
             records.push(Record {
                 op: "quantize",
                 quant_type: qt,
@@ -163,17 +186,9 @@ fn bench_dtype<T: Element>(
                 memcpy_seconds: memcpy.time(bytes, args.reps),
             });
 
-            // Dequantize.
-            let view = match &stored {
-                Some(d) => AbsmaxView::Double {
-                    codes: &d.codes,
-                    nested_absmax: &d.nested_absmax,
-                    offset: d.offset,
-                },
-                None => AbsmaxView::F32(&absmax),
-            };
+            // Dequantize (a double-quantized absmax is reconstructed inside the kernel).
             let seconds = best_of(args.reps, || {
-                if let Err(e) = dequantize_into(qt, &packed, view, bs, &mut out) {
+                if let Err(e) = dequantize_into(qt, codes, view, bs, &mut out) {
                     err = Some(e);
                 }
             });

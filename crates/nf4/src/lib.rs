@@ -83,6 +83,7 @@
 #[allow(unsafe_code)]
 mod arch;
 pub mod codebook;
+mod double_quant;
 pub mod int4;
 mod kernel;
 pub mod scalar;

@@ -137,7 +137,7 @@ impl QuantizedTensor {
             &mut absmax,
         )?;
         let absmax = if options.double_quant {
-            Absmax::Double(DoubleQuantAbsmax::compress(&absmax))
+            Absmax::Double(crate::double_quant::compress(&absmax))
         } else {
             Absmax::F32(absmax)
         };
