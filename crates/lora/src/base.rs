@@ -351,53 +351,15 @@ impl BaseWeight {
                 });
             }
             BaseWeight::Quantized(q) => {
-                let bs = q.blocksize();
-                let fused = in_f % bs == 0;
-                let table = q.quant_type().table();
-                let absmax = q.absmax().view();
-                let packed = q.packed();
-                let dtype = q.dtype();
-                yt.par_chunks_mut(ROWS * n)
-                    .enumerate()
-                    .try_for_each(|(c, yc)| -> Result<()> {
-                        let j0 = c * ROWS;
-                        let mut row = Vec::new();
-                        for (jj, yrow) in yc.chunks_mut(n).enumerate() {
-                            let j = j0 + jj;
-                            if fused {
-                                let b0 = j * in_f / bs;
-                                let bytes = &packed[j * in_f / 2..(j + 1) * in_f / 2];
-                                let mut acc = [[0.0f32; LANES]; GEMV_MAX_TOKENS];
-                                for (b, pb) in bytes.chunks_exact(bs / 2).enumerate() {
-                                    // The 16 values this block's codes stand for, rounded to
-                                    // the weight dtype exactly as dequantization would.
-                                    let lut = block_lut(table, absmax.get(b0 + b), dtype);
-                                    let col0 = b * bs;
-                                    for (k, pk) in pb.chunks_exact(LANES / 2).enumerate() {
-                                        let w = decode16(pk, &lut);
-                                        let c = col0 + k * LANES;
-                                        for (t, a) in acc.iter_mut().enumerate().take(n) {
-                                            fma16(a, &w, &x[t * in_f + c..t * in_f + c + LANES]);
-                                        }
-                                    }
-                                }
-                                for (yv, a) in yrow.iter_mut().zip(&acc) {
-                                    *yv = a.iter().sum();
-                                }
-                            } else {
-                                // Rows do not start on a block boundary: decode the row.
-                                if row.is_empty() {
-                                    row = vec![0.0f32; in_f];
-                                }
-                                q.dequantize_range_into::<f32>(j * in_f, &mut row)?;
-                                round_to_dtype(&mut row, dtype);
-                                for (t, yv) in yrow.iter_mut().enumerate() {
-                                    *yv = dot_f32(&row, &x[t * in_f..(t + 1) * in_f]);
-                                }
-                            }
-                        }
-                        Ok(())
-                    })?;
+                // Decode GEMV_ROWS rows at a time with the codec's SIMD kernel into a small
+                // scratch in the weight's dtype (GEMV_ROWS·in values, cache-resident) and dot
+                // them with x: the weight is never written out whole.
+                let task = GEMV_ROWS * n;
+                match q.dtype() {
+                    Dtype::BF16 => gemv_rows::<bf16>(q, x, n, in_f, &mut yt, task, dot_bf16)?,
+                    Dtype::F16 => gemv_rows::<f16>(q, x, n, in_f, &mut yt, task, dot_f16)?,
+                    Dtype::F32 => gemv_rows::<f32>(q, x, n, in_f, &mut yt, task, dot_f32)?,
+                }
             }
         }
         for t in 0..n {
@@ -407,6 +369,36 @@ impl BaseWeight {
         }
         Ok(())
     }
+}
+
+/// Rows per task of the 4-bit matrix-vector product (the scratch holds this many rows).
+const GEMV_ROWS: usize = 4;
+
+/// `yt[j, t] = W_j · x_t` for a 4-bit weight, `GEMV_ROWS` rows per task.
+fn gemv_rows<T: Element + Default>(
+    q: &QuantizedTensor,
+    x: &[f32],
+    n: usize,
+    in_f: usize,
+    yt: &mut [f32],
+    task: usize,
+    dot: fn(&[T], &[f32]) -> f32,
+) -> Result<()> {
+    yt.par_chunks_mut(task).enumerate().try_for_each_init(
+        Vec::new,
+        |buf: &mut Vec<T>, (c, yc)| -> Result<()> {
+            let rows = yc.len() / n;
+            buf.resize(rows * in_f, T::default());
+            q.dequantize_range_into::<T>(c * GEMV_ROWS * in_f, buf)?;
+            for (row, yrow) in buf.chunks_exact(in_f).zip(yc.chunks_mut(n)) {
+                for (t, yv) in yrow.iter_mut().enumerate() {
+                    *yv = dot(row, &x[t * in_f..(t + 1) * in_f]);
+                }
+            }
+            Ok(())
+        },
+    )?;
+    Ok(())
 }
 
 /// Round f32 values to what `dtype` can hold (identity for f32).
@@ -468,35 +460,6 @@ fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + ar.iter().zip(br).map(|(x, y)| x.to_f32() * y).sum::<f32>()
-}
-
-fn block_lut(table: &[f32; 16], absmax: f32, dtype: Dtype) -> [f32; 16] {
-    let mut lut = [0.0f32; 16];
-    for (l, &t) in lut.iter_mut().zip(table) {
-        *l = t * absmax;
-    }
-    round_to_dtype(&mut lut, dtype);
-    lut
-}
-
-/// Decode 16 codes (8 bytes, first element in the high nibble) through a 16-entry table.
-#[inline(always)]
-fn decode16(bytes: &[u8], lut: &[f32; 16]) -> [f32; LANES] {
-    let mut w = [0.0f32; LANES];
-    for (i, &byte) in bytes.iter().enumerate().take(LANES / 2) {
-        w[2 * i] = lut[(byte >> 4) as usize];
-        w[2 * i + 1] = lut[(byte & 15) as usize];
-    }
-    w
-}
-
-/// `acc += w ⊙ x` on 16 lanes (fixed size, so it vectorizes).
-#[inline(always)]
-fn fma16(acc: &mut [f32; LANES], w: &[f32; LANES], x: &[f32]) {
-    let x: &[f32; LANES] = x.try_into().expect("16 lanes");
-    for l in 0..LANES {
-        acc[l] += w[l] * x[l];
-    }
 }
 
 #[cfg(test)]
