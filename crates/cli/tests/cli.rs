@@ -330,11 +330,17 @@ fn check_streaming_memory(layers: usize, dim: usize, shard_bytes: usize) {
     let (total, tensor_bytes) = synthetic_model(&input, layers, dim, shard_bytes);
     let output = tmp.path().join("out");
     let t0 = std::time::Instant::now();
-    let out = qlora(&["quantize", "--double-quant", "-q", s(&input), s(&output)]);
+    // Two worker threads whatever the machine, so that the bound below is the same everywhere.
+    let threads = 2u64;
+    let out = Command::new(env!("CARGO_BIN_EXE_qlora"))
+        .args(["quantize", "--double-quant", "-q", s(&input), s(&output)])
+        .env("QLORA_PRINT_PEAK_RSS", "1")
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .output()
+        .unwrap();
     let secs = t0.elapsed().as_secs_f64();
     assert!(out.status.success(), "{}", stderr(&out));
     let peak = peak_rss_kb(&out) * 1024;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     // Per tensor in flight: its mapped input (2 B/param) and its 4-bit output twice over (the
     // quantized tensor and its serialized group, ~0.6 B/param each); plus the binary itself.
     let bound = threads * (tensor_bytes as u64) * 2 + (64 << 20);
