@@ -55,7 +55,7 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
-//! | `testing` | proptest strategies (absmax values, optimizer moments) and reference oracles ([`testing`](crate::testing) when enabled), for downstream property tests |
+//! | `testing` | proptest strategies (absmax values, optimizer moments) and reference oracles in the `testing` module, for downstream property tests |
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
