@@ -186,9 +186,7 @@ pub fn check_safetensors_checkpoint(data: &[u8]) {
 /// The same through the lazy folder reader (own header validation, per-tensor maps): the bytes
 /// are written to a temporary file first.
 pub fn check_model_file(data: &[u8]) {
-    let dir = std::env::temp_dir().join(format!("qlora-fuzz-{}", std::process::id()));
-    let _ = std::fs::create_dir_all(&dir);
-    let path = dir.join("model.safetensors");
+    let path = std::env::temp_dir().join(format!("qlora-fuzz-{}.safetensors", std::process::id()));
     if std::fs::write(&path, data).is_err() {
         return;
     }
@@ -206,6 +204,7 @@ pub fn check_model_file(data: &[u8]) {
             }
         }
     }
+    let _ = std::fs::remove_file(&path);
 }
 
 /// Parse a quant-state blob; an accepted blob must survive a write/parse round trip.
