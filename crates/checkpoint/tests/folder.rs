@@ -521,3 +521,27 @@ fn selection_overrides_are_recorded_in_the_config() {
         ["config.json", "generation_config.json", "model.safetensors"]
     );
 }
+
+#[test]
+fn progress_counts_every_input_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = testdata("checkpoints/tiny-llama-bf16");
+    let total = qlora_checkpoint::input_bytes(&ModelFolder::open(&input).unwrap());
+    assert_eq!(total, 250_496);
+    let seen = std::sync::Mutex::new(Vec::new());
+    let progress = |done: u64| seen.lock().unwrap().push(done);
+    convert_model(
+        &input,
+        &tmp.path().join("out"),
+        &quantize_dq(),
+        &ConvertOptions {
+            max_shard_size: 100_000,
+            progress: Some(&progress),
+        },
+    )
+    .unwrap();
+    let seen = seen.into_inner().unwrap();
+    // One call per logical tensor, counting up to the total.
+    assert_eq!(seen.len(), 21);
+    assert_eq!(seen.iter().max(), Some(&total));
+}
