@@ -15,7 +15,6 @@ use half::{bf16, f16};
 use qlora_benches::Distribution;
 use qlora_codec::{
     num_blocks, packed_len, AbsmaxView, DoubleQuantAbsmax, Element, Implementation, QuantType,
-    QuantizeOptions, QuantizedTensor,
 };
 use std::hint::black_box;
 use std::time::Duration;
@@ -129,19 +128,12 @@ fn quant_row<T: Element>(
     group.throughput(Throughput::Bytes(bytes as u64));
     group.bench_function(BenchmarkId::new("kernel", &name), |b| {
         b.iter(|| {
+            qlora_codec::quantize_into(qt, &input, BLOCKSIZE, &mut packed, &mut absmax)
+                .expect("sizes");
             if double_quant {
-                // The user's path: allocates the output, double-quantizes the absmax values.
-                let options = QuantizeOptions {
-                    quant_type: qt,
-                    blocksize: BLOCKSIZE,
-                    double_quant: true,
-                };
-                black_box(QuantizedTensor::quantize(&input, &[n], options).expect("sizes"));
-            } else {
-                qlora_codec::quantize_into(qt, &input, BLOCKSIZE, &mut packed, &mut absmax)
-                    .expect("sizes");
-                black_box(&mut packed);
+                black_box(qlora_codec::double_quantize_absmax(&absmax));
             }
+            black_box(&mut packed);
         })
     });
     memcpy_row(group, &name, bytes);

@@ -11,8 +11,8 @@
 use clap::Args;
 use half::{bf16, f16};
 use qlora_codec::{
-    dequantize_into, num_blocks, packed_len, quantize_into, AbsmaxView, Element, Implementation,
-    QuantType, QuantizeOptions, QuantizedTensor,
+    dequantize_into, double_quantize_absmax, num_blocks, packed_len, quantize_into, AbsmaxView,
+    Element, Implementation, QuantType,
 };
 use rayon::prelude::*;
 use std::time::Instant;
@@ -148,31 +148,28 @@ fn bench_dtype<T: Element>(
     let dense = n * std::mem::size_of::<T>();
     for qt in [QuantType::Nf4, QuantType::Fp4] {
         for dq in [false, true] {
-            // Quantize. With double quantization through `QuantizedTensor::quantize`, the path a
-            // user takes (it allocates its output and double-quantizes the absmax values).
+            // Quantize into reused buffers, then double-quantize the absmax values when asked.
             let mut tensor = None;
             let mut err = None;
-            let options = QuantizeOptions {
-                quant_type: qt,
-                blocksize: bs,
-                double_quant: true,
-            };
             let seconds = best_of(args.reps, || {
-                let result = if dq {
-                    QuantizedTensor::quantize(&input, &[n], options).map(|t| tensor = Some(t))
-                } else {
-                    quantize_into(qt, &input, bs, &mut packed, &mut absmax)
-                };
-                if let Err(e) = result {
+                if let Err(e) = quantize_into(qt, &input, bs, &mut packed, &mut absmax) {
                     err = Some(e);
+                }
+                if dq {
+                    tensor = Some(double_quantize_absmax(&absmax));
                 }
             });
             if let Some(e) = err {
                 return Err(format!("quantize: {e}"));
             }
-            let (codes, view) = match &tensor {
-                Some(t) => (t.packed(), t.absmax().view()),
-                None => (&packed[..], AbsmaxView::F32(&absmax)),
+            let codes = &packed[..];
+            let view = match &tensor {
+                Some(d) => AbsmaxView::Double {
+                    codes: &d.codes,
+                    nested_absmax: &d.nested_absmax,
+                    offset: d.offset,
+                },
+                None => AbsmaxView::F32(&absmax),
             };
             let bytes = dense + codes.len() + absmax_bytes(view);
             records.push(Record {

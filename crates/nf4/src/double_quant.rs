@@ -42,6 +42,45 @@ pub(crate) fn encode_signed(code: &[f32; 256], xn: f32) -> u8 {
     q as u8
 }
 
+/// Values searched side by side: independent searches overlap in the CPU, where one search alone
+/// is a chain of dependent loads.
+const LANES: usize = 8;
+
+/// [`encode_signed`] of `LANES` values at once (the same steps, interleaved).
+#[inline]
+fn encode_signed_lanes(code: &[f32; 256], xn: [f32; LANES]) -> [u8; LANES] {
+    let mut pivot = [127usize; LANES];
+    let mut lower_pivot = [0usize; LANES];
+    let mut upper_pivot = [255usize; LANES];
+    for step in [64usize, 32, 16, 8, 4, 2, 1] {
+        for k in 0..LANES {
+            let p = pivot[k];
+            let gt = xn[k] > code[p];
+            lower_pivot[k] = if gt { p } else { lower_pivot[k] };
+            upper_pivot[k] = if gt { upper_pivot[k] } else { p };
+            pivot[k] = if gt { p + step } else { p - step };
+        }
+    }
+    let mut out = [0u8; LANES];
+    for k in 0..LANES {
+        let (x, p, lp, up) = (xn[k], pivot[k], lower_pivot[k], upper_pivot[k]);
+        let (lower, upper, val) = (code[lp], code[up], code[p]);
+        let q = if x > val {
+            if x > (upper + val) * 0.5 {
+                up
+            } else {
+                p
+            }
+        } else if x < (lower + val) * 0.5 {
+            lp
+        } else {
+            p
+        };
+        out[k] = q as u8;
+    }
+    out
+}
+
 fn compress_blocks(
     map: &[f32; 256],
     offset: f32,
@@ -61,7 +100,16 @@ fn compress_blocks(
         }
         let m = block_absmax(centered);
         let inv = 1.0f32 / m;
-        for (c, &x) in c.iter_mut().zip(centered.iter()) {
+        let mut lanes = c.chunks_exact_mut(LANES).zip(centered.chunks_exact(LANES));
+        for (c8, x8) in &mut lanes {
+            let mut xn = [0f32; LANES];
+            for (n, &x) in xn.iter_mut().zip(x8) {
+                *n = x * inv;
+            }
+            c8.copy_from_slice(&encode_signed_lanes(map, xn));
+        }
+        let done = c.len() / LANES * LANES;
+        for (c, &x) in c[done..].iter_mut().zip(&centered[done..]) {
             *c = encode_signed(map, x * inv);
         }
         *n = m;
@@ -115,13 +163,19 @@ mod tests {
                 mid.next_down(),
             ]);
         }
-        for x in xs {
+        for &x in &xs {
             assert_eq!(
                 encode_signed(map.values(), x),
                 map.encode(x),
                 "xn = {x:e} ({:#x})",
                 x.to_bits()
             );
+        }
+        for chunk in xs.chunks_exact(LANES) {
+            let codes = encode_signed_lanes(map.values(), chunk.try_into().expect("8 values"));
+            for (&x, c) in chunk.iter().zip(codes) {
+                assert_eq!(c, map.encode(x), "lanes, xn = {x:e}");
+            }
         }
     }
 

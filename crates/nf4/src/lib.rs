@@ -447,6 +447,14 @@ pub fn quantize_into<T: Element>(
     Implementation::active().quantize_into(quant_type, input, blocksize, packed, absmax)
 }
 
+/// Double-quantize per-block absmax values: the same result as
+/// [`DoubleQuantAbsmax::compress`] (bitsandbytes' `compress_statistics`), byte for byte, with a
+/// branch-free search over the 8-bit map, on the rayon pool when large. Pair it with
+/// [`quantize_into`] to quantize into reused buffers with double quantization.
+pub fn double_quantize_absmax(absmax: &[f32]) -> DoubleQuantAbsmax {
+    double_quant::compress(absmax)
+}
+
 /// Dequantize a whole tensor into `out` (its length is the element count) without allocating.
 ///
 /// Double-quantized absmax values are reconstructed block by block inside the kernel (no
