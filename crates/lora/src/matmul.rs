@@ -11,11 +11,7 @@ pub(crate) fn strided(s: &[f32], rows: usize, cols: usize, stride: usize) -> Mat
 }
 
 fn par() -> Par {
-    if std::env::var_os("QLORA_SEQ").is_some() {
-        Par::Seq
-    } else {
-        Par::rayon(0)
-    }
+    Par::rayon(0)
 }
 
 /// `dst[m, n] += alpha · lhs · rhs` with `dst` row-major (`dims = (m, n, stride)`).
@@ -102,42 +98,6 @@ mod tests {
             for (x, y) in c.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-4, "{m}x{k}x{n}");
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod faer_probe {
-    #[test]
-    fn faer_owned_product() {
-        for &(m, k, n) in &[
-            (5usize, 64usize, 8usize),
-            (2, 2, 2),
-            (4, 4, 4),
-            (8, 8, 8),
-            (16, 16, 16),
-        ] {
-            let a = faer::Mat::<f32>::from_fn(m, k, |i, j| ((i * k + j) as f32 * 0.37).sin());
-            let b = faer::Mat::<f32>::from_fn(k, n, |i, j| ((i * n + j) as f32 * 0.11).cos());
-            let c = &a * &b;
-            let mut err = 0.0f32;
-            for i in 0..m {
-                for j in 0..n {
-                    let w: f32 = (0..k).map(|l| a[(i, l)] * b[(l, j)]).sum();
-                    err = err.max((c[(i, j)] - w).abs());
-                }
-            }
-            let a64 = faer::Mat::<f64>::from_fn(m, k, |i, j| ((i * k + j) as f64 * 0.37).sin());
-            let b64 = faer::Mat::<f64>::from_fn(k, n, |i, j| ((i * n + j) as f64 * 0.11).cos());
-            let c64 = &a64 * &b64;
-            let mut err64 = 0.0f64;
-            for i in 0..m {
-                for j in 0..n {
-                    let w: f64 = (0..k).map(|l| a64[(i, l)] * b64[(l, j)]).sum();
-                    err64 = err64.max((c64[(i, j)] - w).abs());
-                }
-            }
-            eprintln!("{m}x{k}x{n}: f32 err {err}, f64 err {err64}");
         }
     }
 }
