@@ -138,7 +138,20 @@ fn loftq_reduces_the_quantization_error_and_scaling_matters() {
         },
     )
     .unwrap();
-    assert_eq!(a, b);
+    // Same quantized base and, up to the run-to-run summation order of the multi-threaded SVD and
+    // norms (rayon), the same low-rank correction and errors. (The factors themselves are only
+    // defined up to the sign of each singular pair, so compare their product.)
+    assert_eq!(a.base, b.base);
+    let (da, db) = (
+        delta_weight(&p1, &a.weights, o, i),
+        delta_weight(&p1, &b.weights, o, i),
+    );
+    let scale = da.iter().fold(0f32, |m, x| m.max(x.abs()));
+    for (x, y) in da.iter().zip(&db) {
+        assert!((x - y).abs() <= 1e-4 * scale, "{x} vs {y} (scale {scale})");
+    }
+    assert!((a.error_quantized - b.error_quantized).abs() <= 1e-9 * a.error_quantized);
+    assert!((a.error_loftq - b.error_loftq).abs() <= 1e-5 * a.error_loftq);
     assert!(matches!(
         init_loftq(
             &w,

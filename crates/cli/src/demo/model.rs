@@ -301,7 +301,9 @@ fn gemm(
 pub(crate) fn cross_entropy(logits: &[f32], targets: &[u32], v: usize) -> (f64, Vec<f32>) {
     let n = targets.len();
     let mut grad = vec![0.0f32; logits.len()];
-    let total: f64 = grad
+    // Per-row losses in parallel, summed sequentially: a parallel `sum` would group the terms by
+    // rayon's work stealing, and the reload check compares losses exactly.
+    let losses: Vec<f64> = grad
         .par_chunks_mut(v)
         .zip(logits.par_chunks(v))
         .zip(targets.par_iter())
@@ -319,7 +321,8 @@ pub(crate) fn cross_entropy(logits: &[f32], targets: &[u32], v: usize) -> (f64, 
             g[t as usize] -= 1.0 / n as f32;
             sum.ln() - (l[t as usize] - max) as f64
         })
-        .sum();
+        .collect();
+    let total: f64 = losses.iter().sum();
     (total / n as f64, grad)
 }
 
