@@ -59,6 +59,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod encoder;
 mod maps_table;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
@@ -66,6 +67,7 @@ pub mod testing;
 
 use rayon::prelude::*;
 
+pub use encoder::Encoder;
 pub use maps_table::{SIGNED_DYNAMIC_MAP_BITS, UNSIGNED_DYNAMIC_MAP_BITS};
 
 /// Block size of the nested (double) quantization of the absmax: bitsandbytes always uses 256.
@@ -152,6 +154,15 @@ impl DynamicMap {
     /// The 256 values, sorted ascending.
     pub fn values(&self) -> &[f32; 256] {
         &self.values
+    }
+
+    /// The fast exact encoder of this map ([`Encoder`]: the same codes as [`encode`](Self::encode),
+    /// table-driven; built on first use).
+    pub fn encoder(&self) -> &'static Encoder {
+        match self.kind {
+            MapKind::Signed => Encoder::signed(),
+            MapKind::Unsigned => Encoder::unsigned(),
+        }
     }
 
     /// The value of a code.

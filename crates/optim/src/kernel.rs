@@ -7,10 +7,9 @@
 //! no contraction), so a GPU may differ from them in the last bit of an intermediate, and through
 //! that, rarely, by one 8-bit code.
 
-use crate::codec::FastEncoder;
 use crate::element::Element;
 use crate::error::Error;
-use qlora_double_quant::{DynamicMap, OPTIMIZER_BLOCKSIZE};
+use qlora_double_quant::{DynamicMap, Encoder, OPTIMIZER_BLOCKSIZE};
 use rayon::prelude::*;
 
 /// Tensors of at least this many elements are updated on the rayon pool.
@@ -294,8 +293,8 @@ fn block_8bit<P: Element, G: Element>(
         xn2[j] = s2[j] / new2;
         in_range &= (xn1[j].abs() <= 1.0) & (xn2[j].abs() <= 1.0);
     }
-    let e1 = FastEncoder::signed();
-    let e2 = FastEncoder::unsigned();
+    let e1 = Encoder::signed();
+    let e2 = Encoder::unsigned();
     if in_range {
         for j in 0..n {
             c1[j] = sign_fix(e1.encode_in_range(xn1[j]), s1[j]);

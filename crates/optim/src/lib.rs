@@ -94,7 +94,6 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod clip;
-mod codec;
 mod element;
 mod error;
 mod kernel;

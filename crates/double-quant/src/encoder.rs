@@ -1,5 +1,5 @@
-//! A table-driven encoder that returns exactly what `DynamicMap::encode` (the CUDA kernels'
-//! binary search) returns, several times faster.
+//! [`Encoder`]: a table-driven encoder that returns exactly what [`DynamicMap::encode`] (the CUDA
+//! kernels' binary search) returns, several times faster.
 //!
 //! The kernel's search always ends on the nearest code, and a value exactly on the f32 midpoint
 //! `(code[k] + code[k+1]) * 0.5` of two codes goes to the even index. So the code of `x` is
@@ -11,7 +11,7 @@
 //! Tests compare it against `DynamicMap::encode` on every midpoint, code and neighbour and on a
 //! dense sweep of bit patterns.
 
-use qlora_double_quant::DynamicMap;
+use crate::DynamicMap;
 use std::sync::OnceLock;
 
 /// Buckets are `2^SHIFT` consecutive f32 values wide (1/64 of an octave); at this width no
@@ -45,9 +45,25 @@ fn unkey(k: u32) -> f32 {
 /// Number of buckets covering `[-1, 1]` (`(key(1.0) - key_lo) >> SHIFT` is 16 256).
 const BUCKETS: usize = 1 << 14;
 
-/// Fast exact encoder for one dynamic map.
+/// Fast exact encoder for one dynamic map: [`DynamicMap::encode`], code for code, without the
+/// binary search.
+///
+/// Get one with [`DynamicMap::encoder`] (built once per map, about 17 KiB of tables).
+///
+/// ```
+/// use qlora_double_quant::DynamicMap;
+///
+/// let map = DynamicMap::signed();
+/// let enc = map.encoder();
+/// for x in [-1.0f32, -0.3, 0.0, 1e-6, 0.25, 0.9999, 1.0] {
+///     assert_eq!(enc.encode(x), map.encode(x));
+/// }
+/// let mut codes = [0u8; 3];
+/// enc.encode_slice(&[-1.0, 0.0, 1.0], &mut codes);
+/// assert_eq!(codes, [0, 127, 255]);
+/// ```
 #[derive(Debug)]
-pub(crate) struct FastEncoder {
+pub struct Encoder {
     map: &'static DynamicMap,
     /// Decision thresholds: the code of `x` is the number of `k` with `x > thr[k]`. For even `k`
     /// `thr[k]` is the midpoint between codes `k` and `k+1` (a tie stays at the even `k`), for
@@ -59,7 +75,7 @@ pub(crate) struct FastEncoder {
     key_lo: u32,
 }
 
-impl FastEncoder {
+impl Encoder {
     fn new(map: &'static DynamicMap) -> Self {
         let code = map.values();
         let mut thr = Box::new([f32::NAN; 512]);
@@ -91,7 +107,7 @@ impl FastEncoder {
                 "bucket {b} holds {inside} thresholds"
             );
         }
-        FastEncoder {
+        Encoder {
             map,
             thr,
             base,
@@ -99,21 +115,26 @@ impl FastEncoder {
         }
     }
 
-    /// The encoder of the signed map (`qmap1`).
-    pub(crate) fn signed() -> &'static FastEncoder {
-        static E: OnceLock<FastEncoder> = OnceLock::new();
-        E.get_or_init(|| FastEncoder::new(DynamicMap::signed()))
+    /// The encoder of the signed map (`qmap1`, `nested_quant_map`).
+    pub fn signed() -> &'static Encoder {
+        static E: OnceLock<Encoder> = OnceLock::new();
+        E.get_or_init(|| Encoder::new(DynamicMap::signed()))
     }
 
     /// The encoder of the unsigned map (`qmap2`).
-    pub(crate) fn unsigned() -> &'static FastEncoder {
-        static E: OnceLock<FastEncoder> = OnceLock::new();
-        E.get_or_init(|| FastEncoder::new(DynamicMap::unsigned()))
+    pub fn unsigned() -> &'static Encoder {
+        static E: OnceLock<Encoder> = OnceLock::new();
+        E.get_or_init(|| Encoder::new(DynamicMap::unsigned()))
     }
 
-    /// The code of `x`, identical to `DynamicMap::encode(x)`.
+    /// The map this encoder encodes with.
+    pub fn map(&self) -> &'static DynamicMap {
+        self.map
+    }
+
+    /// The code of `x`, identical to [`DynamicMap::encode`]`(x)` for every f32 (NaN included).
     #[inline(always)]
-    pub(crate) fn encode(&self, x: f32) -> u8 {
+    pub fn encode(&self, x: f32) -> u8 {
         // Normalized states always lie in [-1, 1]; NaN (0/0 of an all-zero block) and the
         // impossible rest go the exact slow way.
         if x.abs() <= 1.0 {
@@ -126,11 +147,25 @@ impl FastEncoder {
     /// [`encode`](Self::encode) for `|x| <= 1` (not NaN); any other input gives an unspecified
     /// code (but no panic).
     #[inline(always)]
-    pub(crate) fn encode_in_range(&self, x: f32) -> u8 {
+    pub fn encode_in_range(&self, x: f32) -> u8 {
         let b = (key(x).wrapping_sub(self.key_lo) >> SHIFT) as usize & (BUCKETS - 1);
         let i = self.base[b] as usize;
         let i = i + usize::from(x > self.thr[i]);
         (i + usize::from(x > self.thr[i & 511])) as u8
+    }
+
+    /// `out[i] = self.encode(xn[i])` for every element.
+    ///
+    /// # Panics
+    /// If `out` is shorter than `xn`.
+    pub fn encode_slice(&self, xn: &[f32], out: &mut [u8]) {
+        assert!(
+            out.len() >= xn.len(),
+            "encode_slice: output shorter than input"
+        );
+        for (o, &x) in out.iter_mut().zip(xn) {
+            *o = self.encode(x);
+        }
     }
 }
 
@@ -143,7 +178,7 @@ mod tests {
         f32::from_bits(x.to_bits().wrapping_add_signed(d))
     }
 
-    fn check(map: &DynamicMap, enc: &FastEncoder, x: f32) {
+    fn check(map: &DynamicMap, enc: &Encoder, x: f32) {
         assert_eq!(
             enc.encode(x),
             map.encode(x),
@@ -155,8 +190,8 @@ mod tests {
     #[test]
     fn equals_binary_search_on_midpoints_codes_and_neighbours() {
         for (map, enc) in [
-            (DynamicMap::signed(), FastEncoder::signed()),
-            (DynamicMap::unsigned(), FastEncoder::unsigned()),
+            (DynamicMap::signed(), Encoder::signed()),
+            (DynamicMap::unsigned(), Encoder::unsigned()),
         ] {
             let code = map.values();
             let mut probes = vec![
@@ -193,8 +228,8 @@ mod tests {
     fn equals_binary_search_on_a_dense_sweep_of_bit_patterns() {
         // Every 257th f32 bit pattern of [-2, 2] (about 8 million values per map).
         for (map, enc) in [
-            (DynamicMap::signed(), FastEncoder::signed()),
-            (DynamicMap::unsigned(), FastEncoder::unsigned()),
+            (DynamicMap::signed(), Encoder::signed()),
+            (DynamicMap::unsigned(), Encoder::unsigned()),
         ] {
             for sign in [0u32, 0x8000_0000] {
                 let mut bits = 0u32;
@@ -217,8 +252,8 @@ mod proptests {
         #[test]
         fn fast_encoder_equals_the_binary_search(x in any::<f32>(), small in -1.0f32..1.0) {
             for v in [x, small, small * 1e-6] {
-                prop_assert_eq!(FastEncoder::signed().encode(v), DynamicMap::signed().encode(v));
-                prop_assert_eq!(FastEncoder::unsigned().encode(v), DynamicMap::unsigned().encode(v));
+                prop_assert_eq!(Encoder::signed().encode(v), DynamicMap::signed().encode(v));
+                prop_assert_eq!(Encoder::unsigned().encode(v), DynamicMap::unsigned().encode(v));
             }
         }
     }
