@@ -167,6 +167,36 @@ impl Encoder {
             *o = self.encode(x);
         }
     }
+
+    /// `out[i] = self.encode(values[i] * scale)` (f32 product), as bitsandbytes' blockwise
+    /// quantization normalizes (`x * (1 / absmax)`).
+    ///
+    /// # Panics
+    /// If `out` is shorter than `values`.
+    pub fn encode_scaled(&self, values: &[f32], scale: f32, out: &mut [u8]) {
+        assert!(
+            out.len() >= values.len(),
+            "encode_scaled: output shorter than input"
+        );
+        for (o, &x) in out.iter_mut().zip(values) {
+            *o = self.encode(x * scale);
+        }
+    }
+
+    /// `out[i] = self.encode(values[i] / divisor)` (IEEE f32 division), as bitsandbytes' 8-bit
+    /// optimizer kernels normalize their states (`s / new_absmax`).
+    ///
+    /// # Panics
+    /// If `out` is shorter than `values`.
+    pub fn encode_divided(&self, values: &[f32], divisor: f32, out: &mut [u8]) {
+        assert!(
+            out.len() >= values.len(),
+            "encode_divided: output shorter than input"
+        );
+        for (o, &x) in out.iter_mut().zip(values) {
+            *o = self.encode(x / divisor);
+        }
+    }
 }
 
 #[cfg(test)]
