@@ -171,6 +171,21 @@ impl DynamicMap {
         self.values[code as usize]
     }
 
+    /// `out[i] = self.decode(codes[i]) * scale` (f32 product): the dequantization of one block
+    /// with absmax `scale`.
+    ///
+    /// # Panics
+    /// If `out` is shorter than `codes`.
+    pub fn decode_scaled(&self, codes: &[u8], scale: f32, out: &mut [f32]) {
+        assert!(
+            out.len() >= codes.len(),
+            "decode_scaled: output shorter than input"
+        );
+        for (o, &c) in out.iter_mut().zip(codes) {
+            *o = self.values[c as usize] * scale;
+        }
+    }
+
     /// The code of a normalized value `xn` (normally in `[-1, 1]`), exactly as bitsandbytes' CUDA
     /// kernels choose it.
     ///
