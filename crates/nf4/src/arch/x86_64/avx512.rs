@@ -11,9 +11,15 @@
 //! double-quantized absmax is reconstructed per block inside the loop.
 //!
 //! **Quantize.** absmax by `vmaxps(|x|, acc)`, which returns its second operand when the first is
-//! NaN (NaN ignored, like `f32::max`); `xn = x * (1/absmax)` with an IEEE division; codes by a
-//! 4-step binary search over the sorted thresholds (`vpermps` + `vcmpps` `_CMP_GT_OQ`, so NaN gets
-//! code 0): the count of thresholds strictly exceeded, as the oracle's tree. Packed with `vpmovqb`.
+//! NaN (NaN ignored, like `f32::max`); for f16/bf16 by `vpmaxuw` over the sign-cleared bit
+//! patterns (32 per instruction, the same order as the magnitudes), redone in f32 when a NaN
+//! pattern shows up. `xn = x * (1/absmax)` with an IEEE division; codes by a 4-step binary search
+//! over the sorted thresholds (`vpermps` + `vcmpps` `_CMP_GT_OQ`, so NaN gets code 0) with one
+//! pre-shifted threshold table per step, so the running code is the permute index: the count of
+//! thresholds strictly exceeded, as the oracle's tree. 64 codes are packed at once
+//! (`vpackusdw`/`vpackuswb`, `vpmaddubsw` with `[16, 1]` to join the nibble pairs, one `vpermw`
+//! to restore element order — which also absorbs the lane order of the bf16 widening by
+//! `vpunpck{l,h}wd` against zero); partial groups use `vpmovqb`.
 
 use crate::kernel::Kernel as KernelTrait;
 use crate::{codebook, scalar, AbsmaxView, Element, QuantType};
@@ -204,47 +210,95 @@ unsafe fn load16<const SRC: u8>(p: *const u8) -> __m512 {
     }
 }
 
+/// The threshold tables of the binary search, one register per step.
+///
+/// The search keeps `code`, a multiple of `2·step` before each step, and compares against
+/// threshold `code + step − 1`. Instead of adding `step − 1` to the index before each `vpermps`,
+/// each step has its own table already shifted by `step − 1` (`by3[c] = thr[c + 3]`,
+/// `by1[c] = thr[c + 1]`, `by0 = thr`), indexed by `code` itself.
+#[derive(Clone, Copy)]
+struct Search {
+    by3: __m512,
+    by1: __m512,
+    by0: __m512,
+    /// The threshold of the first step (`thr[7]` for NF4, `thr[3]` for FP4 magnitudes).
+    first: __m512,
+    /// FP4 only: magnitude level (count of thresholds exceeded) → 3-bit pattern.
+    patterns: __m512i,
+}
+
+impl Search {
+    /// The tables for `NF4` (15 thresholds) or FP4 (7 magnitude thresholds).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn new<const NF4: bool>() -> Self {
+        let mut thr = [f32::INFINITY; 16 + 3];
+        if NF4 {
+            thr[..15].copy_from_slice(&codebook::NF4_THRESHOLDS);
+        } else {
+            thr[..7].copy_from_slice(&codebook::FP4_THRESHOLDS);
+        }
+        let load = |k: usize| {
+            let mut t = [0f32; 16];
+            t.copy_from_slice(&thr[k..k + 16]);
+            // SAFETY: `t` holds 16 f32.
+            unsafe { _mm512_loadu_ps(t.as_ptr()) }
+        };
+        Search {
+            by3: load(3),
+            by1: load(1),
+            by0: load(0),
+            first: _mm512_set1_ps(thr[if NF4 { 7 } else { 3 }]),
+            patterns: _mm512_setr_epi32(0, 1, 6, 7, 4, 5, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0),
+        }
+    }
+
+    /// The count of thresholds `x` strictly exceeds (`_CMP_GT_OQ`: NaN exceeds none), given the
+    /// first step's choice `code` (0, or `first_step` where `x > first`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn finish(&self, mut code: __m512i, x: __m512, steps: &[(i32, bool)]) -> __m512i {
+        for &(step, by3) in steps {
+            let t = _mm512_permutexvar_ps(code, if by3 { self.by3 } else { self.by1 });
+            let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, t);
+            code = _mm512_mask_or_epi32(code, gt, code, _mm512_set1_epi32(step));
+        }
+        let t = _mm512_permutexvar_ps(code, self.by0);
+        let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, t);
+        _mm512_mask_or_epi32(code, gt, code, _mm512_set1_epi32(1))
+    }
+}
+
 /// NF4 codes: the number of the 15 thresholds `xn` strictly exceeds, by binary search.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn encode_nf4(xn: __m512, thresholds: __m512) -> __m512i {
-    // First step against the middle threshold directly (no lookup needed).
-    let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xn, _mm512_set1_ps(codebook::NF4_THRESHOLDS[7]));
-    let mut code = _mm512_maskz_mov_epi32(above, _mm512_set1_epi32(8));
-    for step in [4, 2, 1] {
-        let probe = _mm512_add_epi32(code, _mm512_set1_epi32(step - 1));
-        let t = _mm512_permutexvar_ps(probe, thresholds);
-        let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xn, t);
-        code = _mm512_mask_add_epi32(code, gt, code, _mm512_set1_epi32(step));
-    }
-    code
+fn encode_nf4(xn: __m512, s: &Search) -> __m512i {
+    let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xn, s.first);
+    let code = _mm512_maskz_mov_epi32(above, _mm512_set1_epi32(8));
+    s.finish(code, xn, &[(4, true), (2, false)])
 }
 
 /// FP4 codes: sign bit from `xn < 0`, magnitude pattern from the count of the 7 magnitude
 /// thresholds `|xn|` strictly exceeds (the tree of `dQuantizeFP4`).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn encode_fp4(xn: __m512, thresholds: __m512, patterns: __m512i) -> __m512i {
+fn encode_fp4(xn: __m512, s: &Search) -> __m512i {
     let negative = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(xn, _mm512_setzero_ps());
     let m = _mm512_abs_ps(xn);
-    let mut level = _mm512_setzero_si512();
-    for step in [4, 2, 1] {
-        let probe = _mm512_add_epi32(level, _mm512_set1_epi32(step - 1));
-        let t = _mm512_permutexvar_ps(probe, thresholds);
-        let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, t);
-        level = _mm512_mask_add_epi32(level, gt, level, _mm512_set1_epi32(step));
-    }
-    let pattern = _mm512_permutexvar_epi32(level, patterns);
+    let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, s.first);
+    let level = _mm512_maskz_mov_epi32(above, _mm512_set1_epi32(4));
+    let level = s.finish(level, m, &[(2, false)]);
+    let pattern = _mm512_permutexvar_epi32(level, s.patterns);
     _mm512_mask_or_epi32(pattern, negative, pattern, _mm512_set1_epi32(8))
 }
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn encode<const NF4: bool>(xn: __m512, thresholds: __m512, patterns: __m512i) -> __m512i {
+fn encode<const NF4: bool>(xn: __m512, s: &Search) -> __m512i {
     if NF4 {
-        encode_nf4(xn, thresholds)
+        encode_nf4(xn, s)
     } else {
-        encode_fp4(xn, thresholds, patterns)
+        encode_fp4(xn, s)
     }
 }
 
@@ -254,6 +308,99 @@ fn encode<const NF4: bool>(xn: __m512, thresholds: __m512, patterns: __m512i) ->
 fn pack16(code: __m512i) -> __m128i {
     let pairs = _mm512_or_si512(_mm512_slli_epi64::<4>(code), _mm512_srli_epi64::<32>(code));
     _mm512_cvtepi64_epi8(pairs)
+}
+
+/// Where the 64 elements of one [`load64`] go: lane `i` of vector `k` holds element
+/// `ELEMENT[SRC][k][i]` of the 64.
+///
+/// f32 and f16 load 16 consecutive elements per vector. bf16 widens 32 elements at a time with
+/// `vpunpcklwd`/`vpunpckhwd` against zero (one instruction per 16 instead of two), which takes
+/// words 0–3 (low) or 4–7 (high) of each 128-bit lane.
+const fn element_of(bf16_order: bool, k: usize, i: usize) -> usize {
+    if bf16_order {
+        let (l, m) = (i / 4, i % 4);
+        32 * (k / 2) + 8 * l + 4 * (k % 2) + m
+    } else {
+        16 * k + i
+    }
+}
+
+/// `vpermw` indices that put the 32 packed bytes of a [`pack64`] in element order.
+///
+/// `vpackusdw` + `vpackuswb` of the four code vectors leave byte `16l + 4k + m` = lane `4l + m`
+/// of vector `k`; `vpmaddubsw` with `[16, 1]` joins bytes `2j, 2j + 1` (lanes `m`, `m + 1`: two
+/// consecutive elements, the even one first) into word `j`. Word `8l + 2k + m/2` therefore holds
+/// the byte of element pair `element_of(k, 4l + m) / 2`; the index moves it there.
+const fn pack64_order(bf16_order: bool) -> [i16; 32] {
+    let mut idx = [0i16; 32];
+    let mut l = 0;
+    while l < 4 {
+        let mut k = 0;
+        while k < 4 {
+            let mut h = 0;
+            while h < 2 {
+                let word = 8 * l + 2 * k + h;
+                let pair = element_of(bf16_order, k, 4 * l + 2 * h) / 2;
+                idx[pair] = word as i16;
+                h += 1;
+            }
+            k += 1;
+        }
+        l += 1;
+    }
+    idx
+}
+
+static PACK64_PLAIN: [i16; 32] = pack64_order(false);
+static PACK64_BF16: [i16; 32] = pack64_order(true);
+
+/// Four vectors of 16 codes (lanes in the [`element_of`] order) → the 32 packed bytes of the 64
+/// elements, the even element in the high nibble.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn pack64(c: [__m512i; 4], order: __m512i) -> __m256i {
+    let bytes = _mm512_packus_epi16(
+        _mm512_packus_epi32(c[0], c[1]),
+        _mm512_packus_epi32(c[2], c[3]),
+    );
+    let words = _mm512_maddubs_epi16(bytes, _mm512_set1_epi16(0x0110));
+    _mm512_cvtepi16_epi8(_mm512_permutexvar_epi16(order, words))
+}
+
+/// Load 64 elements as four f32 vectors in the [`element_of`] order (exact widening).
+///
+/// # Safety
+/// AVX-512 F and BW must be available and 64 elements (`64·size` bytes) readable at `p`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn load64<const SRC: u8>(p: *const u8) -> [__m512; 4] {
+    if SRC == SRC_BF16 {
+        // SAFETY: 128 bytes readable at `p` (caller).
+        let (r0, r1) = unsafe {
+            (
+                _mm512_loadu_si512(p.cast()),
+                _mm512_loadu_si512(p.add(64).cast()),
+            )
+        };
+        let z = _mm512_setzero_si512();
+        [
+            _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, r0)),
+            _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, r0)),
+            _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, r1)),
+            _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, r1)),
+        ]
+    } else {
+        let size = if SRC == SRC_F32 { 4 } else { 2 };
+        // SAFETY: 64 elements readable at `p` (caller).
+        unsafe {
+            [
+                load16::<SRC>(p),
+                load16::<SRC>(p.add(16 * size)),
+                load16::<SRC>(p.add(32 * size)),
+                load16::<SRC>(p.add(48 * size)),
+            ]
+        }
+    }
 }
 
 /// Quantize whole blocks.
@@ -270,16 +417,14 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
     absmax: &mut [f32],
 ) {
     let n = x.len() / elem_size;
-    let mut thr = [f32::INFINITY; 16];
-    if NF4 {
-        thr[..15].copy_from_slice(&codebook::NF4_THRESHOLDS);
+    let search = Search::new::<NF4>();
+    let order = if SRC == SRC_BF16 {
+        &PACK64_BF16
     } else {
-        thr[..7].copy_from_slice(&codebook::FP4_THRESHOLDS);
-    }
-    // SAFETY: `thr` holds 16 f32.
-    let thresholds = unsafe { _mm512_loadu_ps(thr.as_ptr()) };
-    // Magnitude level (count of thresholds exceeded) → FP4 bit pattern.
-    let patterns = _mm512_setr_epi32(0, 1, 6, 7, 4, 5, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0);
+        &PACK64_PLAIN
+    };
+    // SAFETY: `order` holds 32 i16 = 64 bytes.
+    let order = unsafe { _mm512_loadu_si512(order.as_ptr().cast()) };
     let nblocks = absmax.len();
     // Blocks go in groups: first every absmax of the group, then every code. The division and
     // the reduction of one block then overlap the encoding of others instead of stalling it.
@@ -287,14 +432,14 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
     let mut g0 = 0;
     while g0 < nblocks {
         let g1 = (g0 + group).min(nblocks);
-        for (b, am) in absmax.iter_mut().enumerate().take(g1).skip(g0) {
+        for (b, am) in (g0..g1).zip(&mut absmax[g0..g1]) {
             let s = b * bs;
             let len = bs.min(n - s);
             // SAFETY: the caller's contract (features, lengths) holds for this block.
             *am =
                 unsafe { block_absmax::<SRC>(&x[s * elem_size..(s + len) * elem_size], elem_size) };
         }
-        for (b, &a) in absmax.iter().enumerate().take(g1).skip(g0) {
+        for (b, &a) in (g0..g1).zip(&absmax[g0..g1]) {
             let s = b * bs;
             let len = bs.min(n - s);
             let bytes = &mut packed[s / 2..s / 2 + len.div_ceil(2)];
@@ -305,8 +450,8 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
                     elem_size,
                     1.0f32 / a,
                     bytes,
-                    thresholds,
-                    patterns,
+                    &search,
+                    order,
                 )
             };
         }
@@ -316,11 +461,42 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
 
 /// The largest |x| of one block (NaN ignored), the zero-padded partial vector included.
 ///
+/// For f16 and bf16 the maximum is taken over the integer bit patterns with the sign cleared
+/// (`vpmaxuw`, 32 elements per instruction), which orders non-NaN magnitudes exactly as their
+/// values; a block holding a NaN (pattern above the infinity's) is redone in f32.
+///
 /// # Safety
 /// AVX-512 F and BW must be available; `block` holds whole elements of `elem_size` bytes.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn block_absmax<const SRC: u8>(block: &[u8], elem_size: usize) -> f32 {
+    if SRC != SRC_F32 {
+        let (full, rem) = (block.len() / 64, block.len() % 64);
+        let mut acc = _mm512_setzero_si512();
+        let magnitude = _mm512_set1_epi16(0x7fff);
+        for v in 0..full {
+            // SAFETY: bytes 64v .. 64v + 64 lie inside `block`.
+            let r = unsafe { _mm512_loadu_si512(block.as_ptr().add(64 * v).cast()) };
+            acc = _mm512_max_epu16(acc, _mm512_and_si512(r, magnitude));
+        }
+        if rem > 0 {
+            let mut tail = [0u8; 64];
+            tail[..rem].copy_from_slice(&block[64 * full..]);
+            // SAFETY: `tail` holds 64 bytes.
+            let r = unsafe { _mm512_loadu_si512(tail.as_ptr().cast()) };
+            acc = _mm512_max_epu16(acc, _mm512_and_si512(r, magnitude));
+        }
+        let low = _mm512_and_si512(acc, _mm512_set1_epi32(0xffff));
+        let m = _mm512_reduce_max_epu32(_mm512_max_epu32(low, _mm512_srli_epi32::<16>(acc))) as u16;
+        let infinity = if SRC == SRC_BF16 { 0x7f80 } else { 0x7c00 };
+        if m <= infinity {
+            return if SRC == SRC_BF16 {
+                bf16::from_bits(m).to_f32()
+            } else {
+                f16::from_bits(m).to_f32()
+            };
+        }
+    }
     let len = block.len() / elem_size;
     let (full, rem) = (len / 16, len % 16);
     let mut acc = _mm512_setzero_ps();
@@ -352,14 +528,23 @@ unsafe fn encode_block<const SRC: u8, const NF4: bool>(
     elem_size: usize,
     inv: f32,
     bytes: &mut [u8],
-    thresholds: __m512,
-    patterns: __m512i,
+    search: &Search,
+    order: __m512i,
 ) {
     let len = block.len() / elem_size;
     let (full, rem) = (len / 16, len % 16);
     let inv = _mm512_set1_ps(inv);
-    // Two vectors per 16-byte store (a `vpmovqb` straight to memory is slow on some cores).
     let mut v = 0;
+    // Four vectors per 32-byte store.
+    while v + 4 <= full {
+        // SAFETY: vectors `v .. v+4` lie inside `block`.
+        let x = unsafe { load64::<SRC>(block.as_ptr().add(v * 16 * elem_size)) };
+        let c = x.map(|x| encode::<NF4>(_mm512_mul_ps(x, inv), search));
+        // SAFETY: bytes 8v .. 8v+32 lie inside `bytes` (16(v+4) ≤ len).
+        unsafe { _mm256_storeu_si256(bytes.as_mut_ptr().add(8 * v).cast(), pack64(c, order)) };
+        v += 4;
+    }
+    // Two vectors per 16-byte store (a `vpmovqb` straight to memory is slow on some cores).
     while v + 2 <= full {
         // SAFETY: vectors `v`, `v+1` lie inside `block`.
         let (x0, x1) = unsafe {
@@ -368,8 +553,8 @@ unsafe fn encode_block<const SRC: u8, const NF4: bool>(
                 load16::<SRC>(block.as_ptr().add((v + 1) * 16 * elem_size)),
             )
         };
-        let p0 = pack16(encode::<NF4>(_mm512_mul_ps(x0, inv), thresholds, patterns));
-        let p1 = pack16(encode::<NF4>(_mm512_mul_ps(x1, inv), thresholds, patterns));
+        let p0 = pack16(encode::<NF4>(_mm512_mul_ps(x0, inv), search));
+        let p1 = pack16(encode::<NF4>(_mm512_mul_ps(x1, inv), search));
         // SAFETY: bytes 8v .. 8v+16 lie inside `bytes` (16(v+2) ≤ len).
         unsafe {
             _mm_storeu_si128(
@@ -382,7 +567,7 @@ unsafe fn encode_block<const SRC: u8, const NF4: bool>(
     if v < full {
         // SAFETY: vector `v` lies inside `block`.
         let xv = unsafe { load16::<SRC>(block.as_ptr().add(v * 16 * elem_size)) };
-        let packed8 = pack16(encode::<NF4>(_mm512_mul_ps(xv, inv), thresholds, patterns));
+        let packed8 = pack16(encode::<NF4>(_mm512_mul_ps(xv, inv), search));
         // SAFETY: bytes 8v .. 8v+8 lie inside `bytes` (16(v+1) ≤ len).
         unsafe { _mm_storel_epi64(bytes.as_mut_ptr().add(8 * v).cast(), packed8) };
     }
@@ -391,7 +576,7 @@ unsafe fn encode_block<const SRC: u8, const NF4: bool>(
         tail[..rem * elem_size].copy_from_slice(&block[full * 16 * elem_size..]);
         // SAFETY: `tail` holds 64 bytes, ≥ 16 elements.
         let xv = unsafe { load16::<SRC>(tail.as_ptr()) };
-        let packed8 = pack16(encode::<NF4>(_mm512_mul_ps(xv, inv), thresholds, patterns));
+        let packed8 = pack16(encode::<NF4>(_mm512_mul_ps(xv, inv), search));
         let mut out = [0u8; 16];
         // SAFETY: `out` holds 16 bytes.
         unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), packed8) };
