@@ -3,40 +3,16 @@
 //! of NF4, FP4 and the INT4 baseline on it.
 #![forbid(unsafe_code)]
 
+use qlora_codec::testing::SplitMix64;
 use qlora_codec::{
     dequantize_into, int4, num_blocks, packed_len, quantize_into, AbsmaxView, DoubleQuantAbsmax,
     QuantType,
 };
 
-/// A small, fast, reproducible generator (SplitMix64).
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// A generator from a seed.
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform on the open interval (0, 1).
-    pub fn open01(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
-        let (u, v) = (self.open01(), self.open01());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
+/// Standard normal by Box–Muller from two draws on the open interval (0, 1).
+fn normal(rng: &mut SplitMix64) -> f64 {
+    let (u, v) = (rng.open01(), rng.open01());
+    (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
 }
 
 /// Weight distributions of the comparison, each scaled to unit variance.
@@ -74,7 +50,7 @@ impl Distribution {
     /// One unit-variance sample.
     pub fn sample(self, rng: &mut SplitMix64) -> f64 {
         match self {
-            Distribution::Normal => rng.normal(),
+            Distribution::Normal => normal(rng),
             Distribution::Laplace => {
                 // Inverse CDF; scale b = 1/√2 gives variance 2b² = 1.
                 let u = rng.open01() - 0.5;
@@ -82,8 +58,8 @@ impl Distribution {
             }
             Distribution::StudentT5 => {
                 // Z / √(χ²₅/5), variance 5/3, scaled to 1.
-                let chi2: f64 = (0..5).map(|_| rng.normal().powi(2)).sum();
-                rng.normal() / (chi2 / 5.0).sqrt() * (3.0f64 / 5.0).sqrt()
+                let chi2: f64 = (0..5).map(|_| normal(rng).powi(2)).sum();
+                normal(rng) / (chi2 / 5.0).sqrt() * (3.0f64 / 5.0).sqrt()
             }
             Distribution::Uniform => (rng.open01() * 2.0 - 1.0) * 3.0f64.sqrt(),
         }
