@@ -174,8 +174,15 @@ impl Implementation {
         out: &mut [T],
     ) -> Result<(), crate::Error> {
         crate::validate_dequantize(packed, absmax, blocksize, n, start, out.len())?;
-        let streaming = std::mem::size_of_val(out) >= STREAMING_BYTES;
-        with_kernel!(self, k => dequantize_chunk(k, quant_type, packed, absmax, blocksize, start, out, streaming));
+        let job = DequantJob {
+            qt: quant_type,
+            packed,
+            absmax,
+            bs: blocksize,
+            start,
+            streaming: std::mem::size_of_val(out) >= STREAMING_BYTES,
+        };
+        with_kernel!(self, k => dequantize_chunk(k, &job, out));
         Ok(())
     }
 }
@@ -186,49 +193,75 @@ impl std::fmt::Display for Implementation {
     }
 }
 
-/// The kernels one implementation provides for the three element types.
+/// A dense input of one of the three element types the SIMD kernels handle.
+#[derive(Clone, Copy)]
+pub(crate) enum Dense<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> Dense<'a> {
+    /// The slice as one of the built-in types, or `None` for a user-defined [`Element`].
+    fn of<T: Element>(x: &'a [T]) -> Option<Self> {
+        if is::<T, f32>() {
+            Some(Dense::F32(bytemuck::cast_slice(x)))
+        } else if is::<T, bf16>() {
+            Some(Dense::Bf16(bytemuck::cast_slice(x)))
+        } else if is::<T, f16>() {
+            Some(Dense::F16(bytemuck::cast_slice(x)))
+        } else {
+            None
+        }
+    }
+}
+
+/// A dense output of one of the three element types the SIMD kernels handle.
+pub(crate) enum DenseMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+    Bf16(&'a mut [bf16]),
+}
+
+impl<'a> DenseMut<'a> {
+    /// The slice as one of the built-in types, or `Err(out)` for a user-defined [`Element`].
+    fn of<T: Element>(out: &'a mut [T]) -> Result<Self, &'a mut [T]> {
+        if is::<T, f32>() {
+            Ok(DenseMut::F32(bytemuck::cast_slice_mut(out)))
+        } else if is::<T, bf16>() {
+            Ok(DenseMut::Bf16(bytemuck::cast_slice_mut(out)))
+        } else if is::<T, f16>() {
+            Ok(DenseMut::F16(bytemuck::cast_slice_mut(out)))
+        } else {
+            Err(out)
+        }
+    }
+}
+
+/// Everything a dequantization needs besides its output: the whole tensor's codes and absmax,
+/// and where the output starts.
+#[derive(Clone, Copy)]
+pub(crate) struct DequantJob<'a> {
+    pub(crate) qt: QuantType,
+    pub(crate) packed: &'a [u8],
+    pub(crate) absmax: AbsmaxView<'a>,
+    pub(crate) bs: usize,
+    /// Index of the first output element in the tensor.
+    pub(crate) start: usize,
+    /// Write with non-temporal stores where the implementation has them (only AVX-512 does).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) streaming: bool,
+}
+
+/// The kernels one implementation provides.
 ///
-/// Quantize: `input` starts at a block boundary, `packed` holds `ceil(len/2)` bytes and `absmax`
-/// `ceil(len/blocksize)` values. Dequantize: `packed` and `absmax` are the whole tensor's, `out`
-/// receives elements `start .. start + out.len()`. Implementations check these lengths (they are
-/// safe functions) and produce exactly the bytes of [`crate::scalar`].
+/// Quantize: `x` starts at a block boundary, `p` holds `ceil(len/2)` bytes and `a`
+/// `ceil(len/bs)` values. Dequantize: the job's `packed` and `absmax` are the whole tensor's,
+/// `out` receives elements `start .. start + out.len()`. Implementations check these lengths
+/// (they are safe functions) and produce exactly the bytes of [`crate::scalar`].
 pub(crate) trait Kernel: Copy + Send + Sync {
-    fn quantize_f32(self, qt: QuantType, x: &[f32], bs: usize, p: &mut [u8], a: &mut [f32]);
-    fn quantize_f16(self, qt: QuantType, x: &[f16], bs: usize, p: &mut [u8], a: &mut [f32]);
-    fn quantize_bf16(self, qt: QuantType, x: &[bf16], bs: usize, p: &mut [u8], a: &mut [f32]);
-    #[allow(clippy::too_many_arguments)]
-    fn dequantize_f32(
-        self,
-        qt: QuantType,
-        p: &[u8],
-        a: AbsmaxView<'_>,
-        bs: usize,
-        start: usize,
-        out: &mut [f32],
-        streaming: bool,
-    );
-    #[allow(clippy::too_many_arguments)]
-    fn dequantize_f16(
-        self,
-        qt: QuantType,
-        p: &[u8],
-        a: AbsmaxView<'_>,
-        bs: usize,
-        start: usize,
-        out: &mut [f16],
-        streaming: bool,
-    );
-    #[allow(clippy::too_many_arguments)]
-    fn dequantize_bf16(
-        self,
-        qt: QuantType,
-        p: &[u8],
-        a: AbsmaxView<'_>,
-        bs: usize,
-        start: usize,
-        out: &mut [bf16],
-        streaming: bool,
-    );
+    fn quantize(self, qt: QuantType, x: Dense<'_>, bs: usize, p: &mut [u8], a: &mut [f32]);
+    fn dequantize(self, job: &DequantJob<'_>, out: DenseMut<'_>);
 }
 
 /// The oracle as a [`Kernel`].
@@ -236,50 +269,20 @@ pub(crate) trait Kernel: Copy + Send + Sync {
 pub(crate) struct ScalarKernel;
 
 impl Kernel for ScalarKernel {
-    fn quantize_f32(self, qt: QuantType, x: &[f32], bs: usize, p: &mut [u8], a: &mut [f32]) {
-        scalar::quantize_blocks(qt, x, bs, p, a)
+    fn quantize(self, qt: QuantType, x: Dense<'_>, bs: usize, p: &mut [u8], a: &mut [f32]) {
+        match x {
+            Dense::F32(x) => scalar::quantize_blocks(qt, x, bs, p, a),
+            Dense::F16(x) => scalar::quantize_blocks(qt, x, bs, p, a),
+            Dense::Bf16(x) => scalar::quantize_blocks(qt, x, bs, p, a),
+        }
     }
-    fn quantize_f16(self, qt: QuantType, x: &[f16], bs: usize, p: &mut [u8], a: &mut [f32]) {
-        scalar::quantize_blocks(qt, x, bs, p, a)
-    }
-    fn quantize_bf16(self, qt: QuantType, x: &[bf16], bs: usize, p: &mut [u8], a: &mut [f32]) {
-        scalar::quantize_blocks(qt, x, bs, p, a)
-    }
-    fn dequantize_f32(
-        self,
-        qt: QuantType,
-        p: &[u8],
-        a: AbsmaxView<'_>,
-        bs: usize,
-        start: usize,
-        out: &mut [f32],
-        _streaming: bool,
-    ) {
-        scalar::dequantize_range(qt, p, a, bs, start, out)
-    }
-    fn dequantize_f16(
-        self,
-        qt: QuantType,
-        p: &[u8],
-        a: AbsmaxView<'_>,
-        bs: usize,
-        start: usize,
-        out: &mut [f16],
-        _streaming: bool,
-    ) {
-        scalar::dequantize_range(qt, p, a, bs, start, out)
-    }
-    fn dequantize_bf16(
-        self,
-        qt: QuantType,
-        p: &[u8],
-        a: AbsmaxView<'_>,
-        bs: usize,
-        start: usize,
-        out: &mut [bf16],
-        _streaming: bool,
-    ) {
-        scalar::dequantize_range(qt, p, a, bs, start, out)
+    fn dequantize(self, j: &DequantJob<'_>, out: DenseMut<'_>) {
+        let (qt, p, a, bs, start) = (j.qt, j.packed, j.absmax, j.bs, j.start);
+        match out {
+            DenseMut::F32(o) => scalar::dequantize_range(qt, p, a, bs, start, o),
+            DenseMut::F16(o) => scalar::dequantize_range(qt, p, a, bs, start, o),
+            DenseMut::Bf16(o) => scalar::dequantize_range(qt, p, a, bs, start, o),
+        }
     }
 }
 
@@ -302,60 +305,20 @@ fn quantize_chunk<K: Kernel, T: Element>(
     p: &mut [u8],
     a: &mut [f32],
 ) {
-    if is::<T, f32>() {
-        k.quantize_f32(qt, bytemuck::cast_slice(x), bs, p, a)
-    } else if is::<T, bf16>() {
-        k.quantize_bf16(qt, bytemuck::cast_slice(x), bs, p, a)
-    } else if is::<T, f16>() {
-        k.quantize_f16(qt, bytemuck::cast_slice(x), bs, p, a)
-    } else {
-        scalar::quantize_blocks(qt, x, bs, p, a)
+    match Dense::of(x) {
+        Some(dense) => k.quantize(qt, dense, bs, p, a),
+        None => scalar::quantize_blocks(qt, x, bs, p, a),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn dequantize_chunk<K: Kernel, T: Element>(
-    k: K,
-    qt: QuantType,
-    p: &[u8],
-    a: AbsmaxView<'_>,
-    bs: usize,
-    start: usize,
-    out: &mut [T],
-    streaming: bool,
-) {
-    if is::<T, f32>() {
-        k.dequantize_f32(
-            qt,
-            p,
-            a,
-            bs,
-            start,
-            bytemuck::cast_slice_mut(out),
-            streaming,
-        )
-    } else if is::<T, bf16>() {
-        k.dequantize_bf16(
-            qt,
-            p,
-            a,
-            bs,
-            start,
-            bytemuck::cast_slice_mut(out),
-            streaming,
-        )
-    } else if is::<T, f16>() {
-        k.dequantize_f16(
-            qt,
-            p,
-            a,
-            bs,
-            start,
-            bytemuck::cast_slice_mut(out),
-            streaming,
-        )
-    } else {
-        scalar::dequantize_range(qt, p, a, bs, start, out)
+/// Dequantize elements `job.start ..` into `out` with kernel `k` (the oracle for a user-defined
+/// [`Element`]).
+fn dequantize_chunk<K: Kernel, T: Element>(k: K, job: &DequantJob<'_>, out: &mut [T]) {
+    match DenseMut::of(out) {
+        Ok(dense) => k.dequantize(job, dense),
+        Err(out) => {
+            scalar::dequantize_range(job.qt, job.packed, job.absmax, job.bs, job.start, out)
+        }
     }
 }
 
@@ -389,13 +352,24 @@ pub(crate) fn drive_dequantize<K: Kernel, T: Element>(
     bs: usize,
     out: &mut [T],
 ) {
-    let streaming = std::mem::size_of_val(out) >= STREAMING_BYTES;
+    let job = DequantJob {
+        qt,
+        packed,
+        absmax,
+        bs,
+        start: 0,
+        streaming: std::mem::size_of_val(out) >= STREAMING_BYTES,
+    };
     if out.len() < PARALLEL_THRESHOLD {
-        dequantize_chunk(k, qt, packed, absmax, bs, 0, out, streaming);
+        dequantize_chunk(k, &job, out);
         return;
     }
     let chunk = blocks_per_task(bs) * bs;
-    out.par_chunks_mut(chunk)
-        .enumerate()
-        .for_each(|(i, o)| dequantize_chunk(k, qt, packed, absmax, bs, i * chunk, o, streaming));
+    out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
+        let job = DequantJob {
+            start: i * chunk,
+            ..job
+        };
+        dequantize_chunk(k, &job, o)
+    });
 }

@@ -13,7 +13,7 @@
 //! exceeded (`fcmgt`), FP4 by the sign test and counting the 7 magnitude thresholds. f16 input is
 //! widened exactly with integer operations.
 
-use crate::kernel::Kernel as KernelTrait;
+use crate::kernel::{Dense, DenseMut, DequantJob, Kernel as KernelTrait};
 use crate::{codebook, scalar, AbsmaxView, Element, QuantType};
 use core::arch::aarch64::*;
 use half::{bf16, f16};
@@ -67,16 +67,8 @@ impl Kernel {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn dequantize<T: Element, const OUT: u8>(
-        self,
-        qt: QuantType,
-        packed: &[u8],
-        absmax: AbsmaxView<'_>,
-        bs: usize,
-        start: usize,
-        out: &mut [T],
-    ) {
+    fn dequantize<T: Element, const OUT: u8>(self, job: &DequantJob<'_>, out: &mut [T]) {
+        let (qt, packed, absmax, bs, start) = (job.qt, job.packed, job.absmax, job.bs, job.start);
         assert!(
             bs >= 32 && bs.is_power_of_two(),
             "block size {bs} must be a power of two ≥ 32"
@@ -114,50 +106,19 @@ impl Kernel {
 }
 
 impl KernelTrait for Kernel {
-    fn quantize_f32(self, qt: QuantType, x: &[f32], bs: usize, p: &mut [u8], a: &mut [f32]) {
-        self.quantize::<SRC_F32>(qt, bytemuck::cast_slice(x), 4, bs, p, a)
+    fn quantize(self, qt: QuantType, x: Dense<'_>, bs: usize, p: &mut [u8], a: &mut [f32]) {
+        match x {
+            Dense::F32(x) => self.quantize::<SRC_F32>(qt, bytemuck::cast_slice(x), 4, bs, p, a),
+            Dense::F16(x) => self.quantize::<SRC_F16>(qt, bytemuck::cast_slice(x), 2, bs, p, a),
+            Dense::Bf16(x) => self.quantize::<SRC_BF16>(qt, bytemuck::cast_slice(x), 2, bs, p, a),
+        }
     }
-    fn quantize_f16(self, qt: QuantType, x: &[f16], bs: usize, p: &mut [u8], a: &mut [f32]) {
-        self.quantize::<SRC_F16>(qt, bytemuck::cast_slice(x), 2, bs, p, a)
-    }
-    fn quantize_bf16(self, qt: QuantType, x: &[bf16], bs: usize, p: &mut [u8], a: &mut [f32]) {
-        self.quantize::<SRC_BF16>(qt, bytemuck::cast_slice(x), 2, bs, p, a)
-    }
-    fn dequantize_f32(
-        self,
-        qt: QuantType,
-        p: &[u8],
-        a: AbsmaxView<'_>,
-        bs: usize,
-        start: usize,
-        out: &mut [f32],
-        _streaming: bool,
-    ) {
-        self.dequantize::<f32, OUT_F32>(qt, p, a, bs, start, out)
-    }
-    fn dequantize_f16(
-        self,
-        qt: QuantType,
-        p: &[u8],
-        a: AbsmaxView<'_>,
-        bs: usize,
-        start: usize,
-        out: &mut [f16],
-        _streaming: bool,
-    ) {
-        self.dequantize::<f16, OUT_F16>(qt, p, a, bs, start, out)
-    }
-    fn dequantize_bf16(
-        self,
-        qt: QuantType,
-        p: &[u8],
-        a: AbsmaxView<'_>,
-        bs: usize,
-        start: usize,
-        out: &mut [bf16],
-        _streaming: bool,
-    ) {
-        self.dequantize::<bf16, OUT_BF16>(qt, p, a, bs, start, out)
+    fn dequantize(self, job: &DequantJob<'_>, out: DenseMut<'_>) {
+        match out {
+            DenseMut::F32(o) => self.dequantize::<f32, OUT_F32>(job, o),
+            DenseMut::F16(o) => self.dequantize::<f16, OUT_F16>(job, o),
+            DenseMut::Bf16(o) => self.dequantize::<bf16, OUT_BF16>(job, o),
+        }
     }
 }
 
