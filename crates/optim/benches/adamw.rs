@@ -7,15 +7,15 @@
 //! * 32-bit: parameter (8), gradient (4), two f32 states read + write (16): 28 bytes.
 //! * memcpy: read + write of the source: 2 bytes per byte copied.
 //!
-//! After criterion's report the bench prints each step's bandwidth as a ratio to the faster of a
-//! single-threaded and a rayon-parallel memcpy (the bandwidth limit of this machine).
+//! The criterion runs use the active implementation ([`Implementation::active`]). After
+//! criterion's report the bench prints, for every implementation this machine has, each step's
+//! time and bandwidth and its ratio to the faster of a single-threaded and a rayon-parallel
+//! memcpy (the bandwidth limit of this machine), all measured in the same run.
 //! Short run: `cargo bench -p qlora-optim --bench adamw -- --warm-up-time 1 --measurement-time 4`;
 //! `QLORA_BENCH_N` changes the tensor size (default 16 Mi elements).
 
 use criterion::{criterion_group, Criterion, Throughput};
-use qlora_optim::{
-    adam_step_32bit, adam_step_8bit, AdamStep, Blockwise8bitMut, OPTIMIZER_BLOCKSIZE,
-};
+use qlora_optim::{AdamStep, Blockwise8bitMut, Implementation, OPTIMIZER_BLOCKSIZE};
 use rayon::prelude::*;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -69,14 +69,14 @@ impl Setup {
         };
         // A few steps so the states hold realistic codes.
         for _ in 0..3 {
-            s.step8();
-            s.step32();
+            s.step8(Implementation::active());
+            s.step32(Implementation::active());
             s.hp.step += 1;
         }
         s
     }
-    fn step8(&mut self) {
-        adam_step_8bit(
+    fn step8(&mut self, imp: Implementation) {
+        imp.adam_step_8bit(
             &mut self.p,
             &self.g,
             Blockwise8bitMut {
@@ -89,8 +89,8 @@ impl Setup {
         )
         .expect("valid inputs");
     }
-    fn step32(&mut self) {
-        adam_step_32bit(&mut self.p, &self.g, &mut self.s1, &mut self.s2, &self.hp)
+    fn step32(&mut self, imp: Implementation) {
+        imp.adam_step_32bit(&mut self.p, &self.g, &mut self.s1, &mut self.s2, &self.hp)
             .expect("valid inputs");
     }
 }
@@ -119,9 +119,10 @@ fn bench(c: &mut Criterion) {
         b.iter(|| par_copy(&mut dst, black_box(&src)))
     });
     group.throughput(Throughput::Bytes((n as f64 * BYTES_8BIT) as u64));
-    group.bench_function("step_8bit", |b| b.iter(|| s.step8()));
+    let imp = Implementation::active();
+    group.bench_function("step_8bit", |b| b.iter(|| s.step8(imp)));
     group.throughput(Throughput::Bytes((n as f64 * BYTES_32BIT) as u64));
-    group.bench_function("step_32bit", |b| b.iter(|| s.step32()));
+    group.bench_function("step_32bit", |b| b.iter(|| s.step32(imp)));
     group.finish();
 
     // The ratio summary: median of several timed repetitions of each, in this same process.
@@ -140,20 +141,28 @@ fn bench(c: &mut Criterion) {
     let copy1 = gbs(2.0 * len as f64, median(&mut || dst.copy_from_slice(&src)));
     let copyn = gbs(2.0 * len as f64, median(&mut || par_copy(&mut dst, &src)));
     let limit = copy1.max(copyn);
-    let b8 = gbs(n as f64 * BYTES_8BIT, median(&mut || s.step8()));
-    let b32 = gbs(n as f64 * BYTES_32BIT, median(&mut || s.step32()));
     println!(
         "adamw bandwidth (n = {n}, {} threads): memcpy {copy1:.2} GB/s, memcpy_rayon {copyn:.2} GB/s",
         rayon::current_num_threads()
     );
-    println!(
-        "adamw step_8bit  {b8:.2} GB/s = {:.3} of memcpy limit ({BYTES_8BIT} B/param)",
-        b8 / limit
-    );
-    println!(
-        "adamw step_32bit {b32:.2} GB/s = {:.3} of memcpy limit ({BYTES_32BIT} B/param)",
-        b32 / limit
-    );
+    // Every implementation this machine has (the criterion runs above use the active one).
+    for imp in Implementation::available() {
+        let t8 = median(&mut || s.step8(imp));
+        let t32 = median(&mut || s.step32(imp));
+        let (b8, b32) = (gbs(n as f64 * BYTES_8BIT, t8), gbs(n as f64 * BYTES_32BIT, t32));
+        println!(
+            "adamw {:<6} step_8bit  {:7.2} ms {b8:6.2} GB/s = {:.3} of memcpy limit ({BYTES_8BIT} B/param)",
+            imp.name(),
+            t8.as_secs_f64() * 1e3,
+            b8 / limit
+        );
+        println!(
+            "adamw {:<6} step_32bit {:7.2} ms {b32:6.2} GB/s = {:.3} of memcpy limit ({BYTES_32BIT} B/param)",
+            imp.name(),
+            t32.as_secs_f64() * 1e3,
+            b32 / limit
+        );
+    }
 }
 
 criterion_group!(benches, bench);

@@ -92,6 +92,9 @@ pub enum Error {
     /// The state storage backend failed (for example the paged pool ran out of its budget).
     #[error("state storage: {0}")]
     Storage(String),
+    /// A kernel implementation was asked for that this machine cannot run.
+    #[error("the {0} kernel implementation is not available on this machine")]
+    Unavailable(&'static str),
     /// An I/O error while reading or writing a file.
     #[error("i/o error on {path}: {source}")]
     Io {

@@ -11,12 +11,15 @@ use crate::element::Element;
 use crate::error::Error;
 use qlora_double_quant::{DynamicMap, Encoder, OPTIMIZER_BLOCKSIZE};
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 /// Tensors of at least this many elements are updated on the rayon pool.
 pub const PARALLEL_THRESHOLD: usize = 1 << 15;
 
-/// Elements handed to one rayon task (a multiple of the 256-element block).
-const TASK_ELEMS: usize = 16 * OPTIMIZER_BLOCKSIZE;
+/// Elements handed to one rayon task (a multiple of the 256-element block): 16 Ki elements, a
+/// few hundred KiB of parameter, gradient and state, large enough that scheduling costs nothing
+/// next to the work, small enough to balance a tensor over many threads.
+const TASK_ELEMS: usize = 64 * OPTIMIZER_BLOCKSIZE;
 
 /// The scalars of one Adam step, exactly as bitsandbytes passes them to its kernels (all f32,
 /// `step` as an integer).
@@ -90,7 +93,7 @@ impl AdamStep {
 
 /// Loop-invariant scalars, computed once per tensor.
 #[derive(Clone, Copy)]
-struct Consts {
+pub(crate) struct Consts {
     beta1: f32,
     beta2: f32,
     one_minus_beta1: f32,
@@ -149,8 +152,20 @@ fn check_len(what: &str, expected: usize, found: usize) -> Result<(), Error> {
 /// last block the missing lanes contribute `|qmap1[128] · absmax1_old · β₁|` to the new absmax1,
 /// as the kernel's padding does.
 ///
+/// Runs [`Implementation::active`]; every implementation gives the same bits.
+///
 /// Errors when the buffer lengths do not fit `params.len()` or a hyper-parameter is invalid.
 pub fn adam_step_8bit<P: Element, G: Element>(
+    params: &mut [P],
+    grads: &[G],
+    state: Blockwise8bitMut<'_>,
+    hp: &AdamStep,
+) -> Result<(), Error> {
+    Implementation::active().adam_step_8bit(params, grads, state, hp)
+}
+
+fn step_8bit<P: Element, G: Element>(
+    imp: Implementation,
     params: &mut [P],
     grads: &[G],
     state: Blockwise8bitMut<'_>,
@@ -166,25 +181,6 @@ pub fn adam_step_8bit<P: Element, G: Element>(
     check_len("absmax2", nb, state.absmax2.len())?;
     let k = Consts::new(hp);
     let blocks_per_task = TASK_ELEMS / OPTIMIZER_BLOCKSIZE;
-    type Task<'t, P, G> = (
-        (
-            (((&'t mut [P], &'t [G]), &'t mut [u8]), &'t mut [u8]),
-            &'t mut [f32],
-        ),
-        &'t mut [f32],
-    );
-    let task = |(((((p, g), c1), c2), a1), a2): Task<'_, P, G>| {
-        for (((((p, g), c1), c2), a1), a2) in p
-            .chunks_mut(OPTIMIZER_BLOCKSIZE)
-            .zip(g.chunks(OPTIMIZER_BLOCKSIZE))
-            .zip(c1.chunks_mut(OPTIMIZER_BLOCKSIZE))
-            .zip(c2.chunks_mut(OPTIMIZER_BLOCKSIZE))
-            .zip(a1.iter_mut())
-            .zip(a2.iter_mut())
-        {
-            block_8bit(p, g, c1, c2, a1, a2, &k);
-        }
-    };
     if n >= PARALLEL_THRESHOLD {
         params
             .par_chunks_mut(TASK_ELEMS)
@@ -193,25 +189,76 @@ pub fn adam_step_8bit<P: Element, G: Element>(
             .zip(state.state2.par_chunks_mut(TASK_ELEMS))
             .zip(state.absmax1.par_chunks_mut(blocks_per_task))
             .zip(state.absmax2.par_chunks_mut(blocks_per_task))
-            .for_each(task);
+            .for_each(|(((((p, g), c1), c2), a1), a2)| {
+                let t = Task8 {
+                    p,
+                    g,
+                    c1,
+                    c2,
+                    a1,
+                    a2,
+                };
+                crate::arch::run_8bit(imp, t, &k);
+            });
     } else {
-        task((
-            (
-                (((params, grads), state.state1), state.state2),
-                state.absmax1,
-            ),
-            state.absmax2,
-        ));
+        let t = Task8 {
+            p: params,
+            g: grads,
+            c1: state.state1,
+            c2: state.state2,
+            a1: state.absmax1,
+            a2: state.absmax2,
+        };
+        crate::arch::run_8bit(imp, t, &k);
     }
     Ok(())
 }
 
+/// A run of whole 256-blocks of one 8-bit update (lengths checked by the caller: `p`, `g`, `c1`,
+/// `c2` of equal length, one absmax of each state per started block).
+pub(crate) struct Task8<'t, P, G> {
+    pub(crate) p: &'t mut [P],
+    pub(crate) g: &'t [G],
+    pub(crate) c1: &'t mut [u8],
+    pub(crate) c2: &'t mut [u8],
+    pub(crate) a1: &'t mut [f32],
+    pub(crate) a2: &'t mut [f32],
+}
+
+/// The 8-bit update of one task, block by block. Inlined into each `crate::arch` copy, which
+/// compiles it for its instruction set.
+#[inline(always)]
+pub(crate) fn task_8bit<P: Element, G: Element>(t: Task8<'_, P, G>, k: &Consts) {
+    const B: usize = OPTIMIZER_BLOCKSIZE;
+    for (((((p, g), c1), c2), a1), a2) in t
+        .p
+        .chunks_mut(B)
+        .zip(t.g.chunks(B))
+        .zip(t.c1.chunks_mut(B))
+        .zip(t.c2.chunks_mut(B))
+        .zip(t.a1.iter_mut())
+        .zip(t.a2.iter_mut())
+    {
+        block_8bit(p, g, c1, c2, a1, a2, k);
+    }
+}
+
+/// Lanes of the running absmax reductions: one AVX-512 register (four SSE2 registers), so the
+/// max-reduction vectorizes without reassociating anything observable (the maximum of a set of
+/// non-NaN magnitudes does not depend on the order it is taken in).
+const LANES: usize = 16;
+
 /// One block (≤ 256 elements) of the fused 8-bit update.
 ///
-/// Three passes over stack buffers (the block stays in L1): moments and their absmax, the
-/// parameter update (branch-free, so it vectorizes for f32), the normalization (vectorized
-/// division) and the encoding.
-#[inline]
+/// Passes over 256-element stack buffers (the block stays in L1), each a straight loop over
+/// plain f32 slices without table lookups or branches, so they vectorize:
+/// 1. dequantize both states with the old absmax ([`DynamicMap::decode_scaled`]) and widen the
+///    gradient; a partial block fills its padding lanes as the kernel loads them (g = 0,
+///    state1 code 128, state2 code 0) and computes them like any other lane;
+/// 2. the moment updates, the non-finite-gradient reset and the new absmax (lane-wise maxima);
+/// 3. the parameter update;
+/// 4. re-quantization with [`Encoder::encode_divided`] (`s / new_absmax`), then the sign fix.
+#[inline(always)]
 fn block_8bit<P: Element, G: Element>(
     p: &mut [P],
     g: &[G],
@@ -222,88 +269,95 @@ fn block_8bit<P: Element, G: Element>(
     k: &Consts,
 ) {
     const B: usize = OPTIMIZER_BLOCKSIZE;
-    let q1 = DynamicMap::signed().values();
-    let q2 = DynamicMap::unsigned().values();
-    let n = p.len();
+    let n = p.len().min(B);
     let (p, g, c1, c2) = (&mut p[..n], &g[..n], &mut c1[..n], &mut c2[..n]);
+    let map1 = DynamicMap::signed();
+    let map2 = DynamicMap::unsigned();
     let old1 = *absmax1;
     let old2 = *absmax2;
     let mut s1 = [0.0f32; B];
     let mut s2 = [0.0f32; B];
-    let mut finite = [false; B];
-    let (s1, s2, finite) = (&mut s1[..n], &mut s2[..n], &mut finite[..n]);
-    // cub's reduction starts from -FLT_MAX; fmaxf (like f32::max) skips NaN.
-    let mut new1 = f32::MIN;
-    let mut new2 = f32::MIN;
-    for j in 0..n {
-        let gv = g[j].to_f32();
-        let ok = gv.abs() < f32::INFINITY; // finite (false for NaN)
-        let gs = gv * k.gnorm_scale;
-        let v = q2[c2[j] as usize] * old2;
-        let v = v * k.beta2 + k.one_minus_beta2 * gs * gs;
-        let m = q1[c1[j] as usize] * old1;
-        let m = m * k.beta1 + k.one_minus_beta1 * gs;
-        // A non-finite gradient resets both moments of its element to 0.
-        let (m, v) = if ok { (m, v) } else { (0.0, 0.0) };
-        finite[j] = ok;
-        s1[j] = m;
-        s2[j] = v;
-        // fmaxf semantics (a NaN operand is skipped) with one compare: the running max is
-        // never NaN, and `NaN > max` is false.
-        let (am, av) = (m.abs(), v.abs());
-        new1 = if am > new1 { am } else { new1 };
-        new2 = if av > new2 { av } else { new2 };
+    let mut gf = [0.0f32; B];
+    map1.decode_scaled(c1, old1, &mut s1[..n]);
+    map2.decode_scaled(c2, old2, &mut s2[..n]);
+    for (o, g) in gf.iter_mut().zip(g) {
+        *o = g.to_f32();
     }
     if n < B {
         // Padding lanes of the last block load g = 0, state1 code 128, state2 code 0.
-        let m = q1[128] * old1;
-        let m = m * k.beta1 + k.one_minus_beta1 * 0.0;
-        let v = q2[0] * old2;
-        let v = v * k.beta2 + k.one_minus_beta2 * 0.0 * 0.0;
-        new1 = new1.max(m.abs());
-        new2 = new2.max(v.abs());
+        s1[n..].fill(map1.decode(128) * old1);
+        s2[n..].fill(map2.decode(0) * old2);
     }
+    let (new1, new2) = moments(&mut s1, &mut s2, &gf, k);
     *absmax1 = new1;
     *absmax2 = new2;
+    let (s1, s2, gf) = (&s1[..n], &s2[..n], &gf[..n]);
+    update_params(p, s1, s2, gf, k);
+    Encoder::signed().encode_divided(s1, new1, c1);
+    for (c, &m) in c1.iter_mut().zip(s1) {
+        *c = sign_fix(*c, m);
+    }
+    Encoder::unsigned().encode_divided(s2, new2, c2);
+}
+
+/// The moment updates of one full 256-lane block in place (`s1`, `s2` hold the dequantized old
+/// states), the reset of lanes whose gradient is not finite, and the new absmax of both.
+#[inline(always)]
+fn moments(
+    s1: &mut [f32; OPTIMIZER_BLOCKSIZE],
+    s2: &mut [f32; OPTIMIZER_BLOCKSIZE],
+    g: &[f32; OPTIMIZER_BLOCKSIZE],
+    k: &Consts,
+) -> (f32, f32) {
+    // cub's reduction starts from -FLT_MAX; fmaxf (like f32::max) skips NaN. `a > acc` is false
+    // for a NaN `a`, so one compare-select per lane has fmaxf's semantics and keeps every
+    // accumulator non-NaN.
+    let mut acc1 = [f32::MIN; LANES];
+    let mut acc2 = [f32::MIN; LANES];
+    for ((m, v), g) in s1
+        .chunks_exact_mut(LANES)
+        .zip(s2.chunks_exact_mut(LANES))
+        .zip(g.chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            let gv = g[l];
+            let ok = gv.abs() < f32::INFINITY; // finite (false for NaN)
+            let gs = gv * k.gnorm_scale;
+            let vv = v[l] * k.beta2 + k.one_minus_beta2 * gs * gs;
+            let mm = m[l] * k.beta1 + k.one_minus_beta1 * gs;
+            // A non-finite gradient resets both moments of its element to 0.
+            let mm = if ok { mm } else { 0.0 };
+            let vv = if ok { vv } else { 0.0 };
+            m[l] = mm;
+            v[l] = vv;
+            let (am, av) = (mm.abs(), vv.abs());
+            acc1[l] = if am > acc1[l] { am } else { acc1[l] };
+            acc2[l] = if av > acc2[l] { av } else { acc2[l] };
+        }
+    }
+    let max = |acc: [f32; LANES]| acc.into_iter().fold(f32::MIN, |a, x| if x > a { x } else { a });
+    (max(acc1), max(acc2))
+}
+
+/// `p = T(p + step_size · s1 / (sqrt(s2) + c2·ε))`, then the decay, for the lanes whose
+/// gradient is finite (the others keep their parameter).
+#[inline(always)]
+fn update_params<P: Element>(p: &mut [P], s1: &[f32], s2: &[f32], g: &[f32], k: &Consts) {
+    let lanes = p.iter_mut().zip(s1).zip(s2).zip(g);
     match k.decay {
         Some(decay) => {
-            for j in 0..n {
-                let x = p[j].to_f32() + k.step_size * (s1[j] / (s2[j].sqrt() + k.c2_eps));
+            for (((p, &m), &v), &g) in lanes {
+                let x = p.to_f32() + k.step_size * (m / (v.sqrt() + k.c2_eps));
                 let x = P::from_f32(P::from_f32(x).to_f32() * decay);
-                p[j] = if finite[j] { x } else { p[j] };
+                *p = if g.abs() < f32::INFINITY { x } else { *p };
             }
         }
         None => {
-            for j in 0..n {
-                let x = p[j].to_f32() + k.step_size * (s1[j] / (s2[j].sqrt() + k.c2_eps));
+            for (((p, &m), &v), &g) in lanes {
+                let x = p.to_f32() + k.step_size * (m / (v.sqrt() + k.c2_eps));
                 let x = P::from_f32(x);
-                p[j] = if finite[j] { x } else { p[j] };
+                *p = if g.abs() < f32::INFINITY { x } else { *p };
             }
-        }
-    }
-    // Normalize (IEEE division, vectorized), then encode. Normalized values lie in [-1, 1]
-    // unless the block holds NaN (0/0 of an all-zero block, or an overflow to inf), which takes
-    // the exact slow path.
-    let mut xn1 = [0.0f32; B];
-    let mut xn2 = [0.0f32; B];
-    let (xn1, xn2) = (&mut xn1[..n], &mut xn2[..n]);
-    let mut in_range = true;
-    for j in 0..n {
-        xn1[j] = s1[j] / new1;
-        xn2[j] = s2[j] / new2;
-        in_range &= (xn1[j].abs() <= 1.0) & (xn2[j].abs() <= 1.0);
-    }
-    let e1 = Encoder::signed();
-    let e2 = Encoder::unsigned();
-    if in_range {
-        for j in 0..n {
-            c1[j] = sign_fix(e1.encode_in_range(xn1[j]), s1[j]);
-            c2[j] = e2.encode_in_range(xn2[j]);
-        }
-    } else {
-        for j in 0..n {
-            c1[j] = sign_fix(e1.encode(xn1[j]), s1[j]);
-            c2[j] = e2.encode(xn2[j]);
         }
     }
 }
@@ -323,7 +377,20 @@ fn sign_fix(code: u8, m: f32) -> u8 {
 ///
 /// Unlike the 8-bit kernel this one does not mask non-finite gradients: a NaN gradient makes the
 /// states and the parameter of that element NaN, as on CUDA.
+///
+/// Runs [`Implementation::active`]; every implementation gives the same bits.
 pub fn adam_step_32bit<P: Element, G: Element>(
+    params: &mut [P],
+    grads: &[G],
+    state1: &mut [f32],
+    state2: &mut [f32],
+    hp: &AdamStep,
+) -> Result<(), Error> {
+    Implementation::active().adam_step_32bit(params, grads, state1, state2, hp)
+}
+
+fn step_32bit<P: Element, G: Element>(
+    imp: Implementation,
     params: &mut [P],
     grads: &[G],
     state1: &mut [f32],
@@ -336,30 +403,170 @@ pub fn adam_step_32bit<P: Element, G: Element>(
     check_len("state1", n, state1.len())?;
     check_len("state2", n, state2.len())?;
     let k = Consts::new(hp);
-    type Task<'t, P, G> = (((&'t mut [P], &'t [G]), &'t mut [f32]), &'t mut [f32]);
-    let task = |(((p, g), s1), s2): Task<'_, P, G>| {
-        for (((p, g), s1), s2) in p.iter_mut().zip(g).zip(s1).zip(s2) {
-            // The kernel scales g in its own type T (`g_vals[j] = gnorm_scale * (float)g_vals[j]`).
-            let gv = G::from_f32(k.gnorm_scale * g.to_f32()).to_f32();
-            *s1 = *s1 * k.beta1 + k.one_minus_beta1 * gv;
-            *s2 = *s2 * k.beta2 + k.one_minus_beta2 * (gv * gv);
-            let x = p.to_f32() + k.step_size * (*s1 / (s2.sqrt() + k.c2_eps));
-            let mut x = P::from_f32(x);
-            if let Some(decay) = k.decay {
-                x = P::from_f32(x.to_f32() * decay);
-            }
-            *p = x;
-        }
-    };
     if n >= PARALLEL_THRESHOLD {
         params
             .par_chunks_mut(TASK_ELEMS)
             .zip(grads.par_chunks(TASK_ELEMS))
             .zip(state1.par_chunks_mut(TASK_ELEMS))
             .zip(state2.par_chunks_mut(TASK_ELEMS))
-            .for_each(task);
+            .for_each(|(((p, g), s1), s2)| {
+                crate::arch::run_32bit(imp, Task32 { p, g, s1, s2 }, &k);
+            });
     } else {
-        task((((params, grads), state1), state2));
+        let t = Task32 {
+            p: params,
+            g: grads,
+            s1: state1,
+            s2: state2,
+        };
+        crate::arch::run_32bit(imp, t, &k);
     }
     Ok(())
+}
+
+/// A run of one 32-bit update (lengths checked by the caller: all four equally long).
+pub(crate) struct Task32<'t, P, G> {
+    pub(crate) p: &'t mut [P],
+    pub(crate) g: &'t [G],
+    pub(crate) s1: &'t mut [f32],
+    pub(crate) s2: &'t mut [f32],
+}
+
+/// The 32-bit update of one task: one branch-free loop per decay setting, so it vectorizes.
+/// Inlined into each `crate::arch` copy.
+#[inline(always)]
+pub(crate) fn task_32bit<P: Element, G: Element>(t: Task32<'_, P, G>, k: &Consts) {
+    let lanes = t.p.iter_mut().zip(t.g).zip(t.s1).zip(t.s2);
+    // The kernel scales g in its own type T (`g_vals[j] = gnorm_scale * (float)g_vals[j]`).
+    let update = |p: &mut P, g: &G, s1: &mut f32, s2: &mut f32| {
+        let gv = G::from_f32(k.gnorm_scale * g.to_f32()).to_f32();
+        *s1 = *s1 * k.beta1 + k.one_minus_beta1 * gv;
+        *s2 = *s2 * k.beta2 + k.one_minus_beta2 * (gv * gv);
+        P::from_f32(p.to_f32() + k.step_size * (*s1 / (s2.sqrt() + k.c2_eps)))
+    };
+    match k.decay {
+        Some(decay) => {
+            for (((p, g), s1), s2) in lanes {
+                let x = update(p, g, s1, s2);
+                *p = P::from_f32(x.to_f32() * decay);
+            }
+        }
+        None => {
+            for (((p, g), s1), s2) in lanes {
+                *p = update(p, g, s1, s2);
+            }
+        }
+    }
+}
+
+/// An implementation of the kernels: the same safe Rust loops compiled for the target's baseline
+/// instruction set, or for AVX2 / AVX-512 and chosen at run time.
+///
+/// [`Implementation::active`] is what [`adam_step_8bit`] and [`adam_step_32bit`] (and so the
+/// optimizers) use; tests and benchmarks can run a specific one. Every implementation runs the
+/// same operations in the same order with IEEE f32 arithmetic (no FMA contraction, exact division
+/// and square root), so they give the same bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Implementation {
+    /// The target's baseline instruction set (SSE2 on x86-64; the compiler vectorizes the loops).
+    Scalar,
+    /// x86-64 AVX2.
+    Avx2,
+    /// x86-64 AVX-512 F, BW, DQ and VL.
+    Avx512,
+}
+
+/// Every implementation, best first.
+const ALL: [Implementation; 3] = [
+    Implementation::Avx512,
+    Implementation::Avx2,
+    Implementation::Scalar,
+];
+
+impl Implementation {
+    /// A short name: `scalar`, `avx2`, `avx512`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Implementation::Scalar => "scalar",
+            Implementation::Avx2 => "avx2",
+            Implementation::Avx512 => "avx512",
+        }
+    }
+
+    /// True when this implementation can run on this machine.
+    pub fn is_available(self) -> bool {
+        crate::arch::is_available(self)
+    }
+
+    /// The implementations this machine can run, best first (`Scalar` is always last).
+    pub fn available() -> Vec<Implementation> {
+        ALL.into_iter().filter(|i| i.is_available()).collect()
+    }
+
+    /// The fastest implementation this machine can run (ignores `QLORA_FORCE_SCALAR`).
+    pub fn best() -> Implementation {
+        ALL.into_iter()
+            .find(|i| i.is_available())
+            .unwrap_or(Implementation::Scalar)
+    }
+
+    /// The implementation [`adam_step_8bit`] and [`adam_step_32bit`] use: [`best`](Self::best),
+    /// or `Scalar` when the environment variable `QLORA_FORCE_SCALAR` is `1` (read once, on
+    /// first use).
+    pub fn active() -> Implementation {
+        static ACTIVE: OnceLock<Implementation> = OnceLock::new();
+        *ACTIVE.get_or_init(|| {
+            if std::env::var_os("QLORA_FORCE_SCALAR").is_some_and(|v| v == "1") {
+                Implementation::Scalar
+            } else {
+                Implementation::best()
+            }
+        })
+    }
+
+    fn check(self) -> Result<(), Error> {
+        if self.is_available() {
+            Ok(())
+        } else {
+            Err(Error::Unavailable(self.name()))
+        }
+    }
+
+    /// [`adam_step_8bit`] with this implementation.
+    ///
+    /// Errors like [`adam_step_8bit`], and when this implementation is not
+    /// [available](Self::is_available) here.
+    pub fn adam_step_8bit<P: Element, G: Element>(
+        self,
+        params: &mut [P],
+        grads: &[G],
+        state: Blockwise8bitMut<'_>,
+        hp: &AdamStep,
+    ) -> Result<(), Error> {
+        self.check()?;
+        step_8bit(self, params, grads, state, hp)
+    }
+
+    /// [`adam_step_32bit`] with this implementation.
+    ///
+    /// Errors like [`adam_step_32bit`], and when this implementation is not
+    /// [available](Self::is_available) here.
+    pub fn adam_step_32bit<P: Element, G: Element>(
+        self,
+        params: &mut [P],
+        grads: &[G],
+        state1: &mut [f32],
+        state2: &mut [f32],
+        hp: &AdamStep,
+    ) -> Result<(), Error> {
+        self.check()?;
+        step_32bit(self, params, grads, state1, state2, hp)
+    }
+}
+
+impl std::fmt::Display for Implementation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }

@@ -90,9 +90,12 @@
 //! it is bit-exact to the kernel's *rule* and within f32 rounding of a GPU. bitsandbytes' CPU
 //! backend differs more (decay before the step, an approximate 8-bit quantizer); see the tests
 //! against its recorded trajectories in `testdata/optim/`.
-#![forbid(unsafe_code)]
+// `unsafe` is confined to `arch` (calls of `#[target_feature]` copies of the safe kernels).
+#![deny(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[allow(unsafe_code)]
+mod arch;
 mod clip;
 mod element;
 mod error;
@@ -106,7 +109,10 @@ mod storage;
 pub use clip::{clip_coefficient, clip_grad_norm, global_grad_norm, GradClip};
 pub use element::{Dtype, Element, TensorMut, TensorRef};
 pub use error::Error;
-pub use kernel::{adam_step_32bit, adam_step_8bit, AdamStep, Blockwise8bitMut, PARALLEL_THRESHOLD};
+pub use kernel::{
+    adam_step_32bit, adam_step_8bit, AdamStep, Blockwise8bitMut, Implementation,
+    PARALLEL_THRESHOLD,
+};
 pub use optimizer::{
     write_atomically, Adam, AdamConfig, GroupHyper, GroupOptions, OptimBits, ParamId, ParamUpdate,
 };

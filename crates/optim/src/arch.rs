@@ -1,0 +1,118 @@
+//! The kernels' safe task loops ([`task_8bit`], [`task_32bit`]) compiled a second and third time
+//! for AVX2 and AVX-512, chosen at run time.
+//!
+//! Nothing here is hand-written SIMD: each copy is the same safe Rust, inlined into a function
+//! with `#[target_feature]`, so the compiler vectorizes the same loops with wider registers. The
+//! operations and their order are the source's; Rust never contracts a multiply and an add into
+//! an FMA, and division and square root stay IEEE, so every copy gives the same bits (the tests
+//! run each available implementation against the same references). The only `unsafe` is the call
+//! of a `#[target_feature]` function, made after the feature was detected on this CPU.
+
+use crate::element::Element;
+use crate::kernel::{task_32bit, task_8bit, Consts, Implementation, Task32, Task8};
+
+/// True when `imp` can run on this CPU.
+pub(crate) fn is_available(imp: Implementation) -> bool {
+    match imp {
+        Implementation::Scalar => true,
+        #[cfg(target_arch = "x86_64")]
+        Implementation::Avx2 => x86_64::has_avx2(),
+        #[cfg(target_arch = "x86_64")]
+        Implementation::Avx512 => x86_64::has_avx512(),
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
+/// One task of the 8-bit update with `imp` (the baseline copy when `imp` is not available).
+#[inline]
+pub(crate) fn run_8bit<P: Element, G: Element>(
+    imp: Implementation,
+    t: Task8<'_, P, G>,
+    k: &Consts,
+) {
+    match imp {
+        #[cfg(target_arch = "x86_64")]
+        Implementation::Avx512 if x86_64::has_avx512() => {
+            // SAFETY: the CPU has every feature `task_8bit_avx512` is compiled for (checked in the
+            // match guard).
+            unsafe { x86_64::task_8bit_avx512(t, k) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Implementation::Avx2 if x86_64::has_avx2() => {
+            // SAFETY: the CPU has AVX2 (checked in the match guard).
+            unsafe { x86_64::task_8bit_avx2(t, k) }
+        }
+        _ => task_8bit(t, k),
+    }
+}
+
+/// One task of the 32-bit update with `imp` (the baseline copy when `imp` is not available).
+#[inline]
+pub(crate) fn run_32bit<P: Element, G: Element>(
+    imp: Implementation,
+    t: Task32<'_, P, G>,
+    k: &Consts,
+) {
+    match imp {
+        #[cfg(target_arch = "x86_64")]
+        Implementation::Avx512 if x86_64::has_avx512() => {
+            // SAFETY: the CPU has every feature `task_32bit_avx512` is compiled for (checked in
+            // the match guard).
+            unsafe { x86_64::task_32bit_avx512(t, k) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Implementation::Avx2 if x86_64::has_avx2() => {
+            // SAFETY: the CPU has AVX2 (checked in the match guard).
+            unsafe { x86_64::task_32bit_avx2(t, k) }
+        }
+        _ => task_32bit(t, k),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_64 {
+    use super::*;
+
+    pub(super) fn has_avx2() -> bool {
+        std::is_x86_feature_detected!("avx2")
+    }
+
+    pub(super) fn has_avx512() -> bool {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512dq")
+            && std::is_x86_feature_detected!("avx512vl")
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW, DQ and VL.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    pub(super) unsafe fn task_8bit_avx512<P: Element, G: Element>(t: Task8<'_, P, G>, k: &Consts) {
+        task_8bit(t, k)
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn task_8bit_avx2<P: Element, G: Element>(t: Task8<'_, P, G>, k: &Consts) {
+        task_8bit(t, k)
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW, DQ and VL.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    pub(super) unsafe fn task_32bit_avx512<P: Element, G: Element>(
+        t: Task32<'_, P, G>,
+        k: &Consts,
+    ) {
+        task_32bit(t, k)
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn task_32bit_avx2<P: Element, G: Element>(t: Task32<'_, P, G>, k: &Consts) {
+        task_32bit(t, k)
+    }
+}
