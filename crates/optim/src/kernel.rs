@@ -230,14 +230,13 @@ pub(crate) struct Task8<'t, P, G> {
 #[inline(always)]
 pub(crate) fn task_8bit<P: Element, G: Element>(t: Task8<'_, P, G>, k: &Consts) {
     const B: usize = OPTIMIZER_BLOCKSIZE;
-    for (((((p, g), c1), c2), a1), a2) in t
-        .p
-        .chunks_mut(B)
-        .zip(t.g.chunks(B))
-        .zip(t.c1.chunks_mut(B))
-        .zip(t.c2.chunks_mut(B))
-        .zip(t.a1.iter_mut())
-        .zip(t.a2.iter_mut())
+    for (((((p, g), c1), c2), a1), a2) in
+        t.p.chunks_mut(B)
+            .zip(t.g.chunks(B))
+            .zip(t.c1.chunks_mut(B))
+            .zip(t.c2.chunks_mut(B))
+            .zip(t.a1.iter_mut())
+            .zip(t.a2.iter_mut())
     {
         block_8bit(p, g, c1, c2, a1, a2, k);
     }
@@ -335,7 +334,10 @@ fn moments(
             acc2[l] = if av > acc2[l] { av } else { acc2[l] };
         }
     }
-    let max = |acc: [f32; LANES]| acc.into_iter().fold(f32::MIN, |a, x| if x > a { x } else { a });
+    let max = |acc: [f32; LANES]| {
+        acc.into_iter()
+            .fold(f32::MIN, |a, x| if x > a { x } else { a })
+    };
     (max(acc1), max(acc2))
 }
 

@@ -110,8 +110,7 @@ pub use clip::{clip_coefficient, clip_grad_norm, global_grad_norm, GradClip};
 pub use element::{Dtype, Element, TensorMut, TensorRef};
 pub use error::Error;
 pub use kernel::{
-    adam_step_32bit, adam_step_8bit, AdamStep, Blockwise8bitMut, Implementation,
-    PARALLEL_THRESHOLD,
+    adam_step_32bit, adam_step_8bit, AdamStep, Blockwise8bitMut, Implementation, PARALLEL_THRESHOLD,
 };
 pub use optimizer::{
     write_atomically, Adam, AdamConfig, GroupHyper, GroupOptions, OptimBits, ParamId, ParamUpdate,
