@@ -149,7 +149,10 @@ fn bench(c: &mut Criterion) {
     for imp in Implementation::available() {
         let t8 = median(&mut || s.step8(imp));
         let t32 = median(&mut || s.step32(imp));
-        let (b8, b32) = (gbs(n as f64 * BYTES_8BIT, t8), gbs(n as f64 * BYTES_32BIT, t32));
+        let (b8, b32) = (
+            gbs(n as f64 * BYTES_8BIT, t8),
+            gbs(n as f64 * BYTES_32BIT, t32),
+        );
         println!(
             "adamw {:<6} step_8bit  {:7.2} ms {b8:6.2} GB/s = {:.3} of memcpy limit ({BYTES_8BIT} B/param)",
             imp.name(),

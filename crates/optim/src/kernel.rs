@@ -230,6 +230,11 @@ pub(crate) struct Task8<'t, P, G> {
 #[inline(always)]
 pub(crate) fn task_8bit<P: Element, G: Element>(t: Task8<'_, P, G>, k: &Consts) {
     const B: usize = OPTIMIZER_BLOCKSIZE;
+    let mut buf = Scratch {
+        s1: [0.0; B],
+        s2: [0.0; B],
+        g: [0.0; B],
+    };
     for (((((p, g), c1), c2), a1), a2) in
         t.p.chunks_mut(B)
             .zip(t.g.chunks(B))
@@ -238,8 +243,15 @@ pub(crate) fn task_8bit<P: Element, G: Element>(t: Task8<'_, P, G>, k: &Consts) 
             .zip(t.a1.iter_mut())
             .zip(t.a2.iter_mut())
     {
-        block_8bit(p, g, c1, c2, a1, a2, k);
+        block_8bit(p, g, c1, c2, a1, a2, &mut buf, k);
     }
+}
+
+/// The f32 working copies of one block (kept in L1 and reused block after block).
+struct Scratch {
+    s1: [f32; OPTIMIZER_BLOCKSIZE],
+    s2: [f32; OPTIMIZER_BLOCKSIZE],
+    g: [f32; OPTIMIZER_BLOCKSIZE],
 }
 
 /// Lanes of the running absmax reductions: one AVX-512 register (four SSE2 registers), so the
@@ -249,7 +261,7 @@ const LANES: usize = 16;
 
 /// One block (≤ 256 elements) of the fused 8-bit update.
 ///
-/// Passes over 256-element stack buffers (the block stays in L1), each a straight loop over
+/// Passes over 256-element buffers (the block stays in L1), each a straight loop over
 /// plain f32 slices without table lookups or branches, so they vectorize:
 /// 1. dequantize both states with the old absmax ([`DynamicMap::decode_scaled`]) and widen the
 ///    gradient; a partial block fills its padding lanes as the kernel loads them (g = 0,
@@ -258,6 +270,7 @@ const LANES: usize = 16;
 /// 3. the parameter update;
 /// 4. re-quantization with [`Encoder::encode_divided`] (`s / new_absmax`), then the sign fix.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn block_8bit<P: Element, G: Element>(
     p: &mut [P],
     g: &[G],
@@ -265,6 +278,7 @@ fn block_8bit<P: Element, G: Element>(
     c2: &mut [u8],
     absmax1: &mut f32,
     absmax2: &mut f32,
+    buf: &mut Scratch,
     k: &Consts,
 ) {
     const B: usize = OPTIMIZER_BLOCKSIZE;
@@ -274,23 +288,21 @@ fn block_8bit<P: Element, G: Element>(
     let map2 = DynamicMap::unsigned();
     let old1 = *absmax1;
     let old2 = *absmax2;
-    let mut s1 = [0.0f32; B];
-    let mut s2 = [0.0f32; B];
-    let mut gf = [0.0f32; B];
-    map1.decode_scaled(c1, old1, &mut s1[..n]);
-    map2.decode_scaled(c2, old2, &mut s2[..n]);
-    for (o, g) in gf.iter_mut().zip(g) {
+    map1.decode_scaled(c1, old1, &mut buf.s1[..n]);
+    map2.decode_scaled(c2, old2, &mut buf.s2[..n]);
+    for (o, g) in buf.g.iter_mut().zip(g) {
         *o = g.to_f32();
     }
     if n < B {
         // Padding lanes of the last block load g = 0, state1 code 128, state2 code 0.
-        s1[n..].fill(map1.decode(128) * old1);
-        s2[n..].fill(map2.decode(0) * old2);
+        buf.s1[n..].fill(map1.decode(128) * old1);
+        buf.s2[n..].fill(map2.decode(0) * old2);
+        buf.g[n..].fill(0.0);
     }
-    let (new1, new2) = moments(&mut s1, &mut s2, &gf, k);
+    let (new1, new2) = moments(&mut buf.s1, &mut buf.s2, &buf.g, k);
     *absmax1 = new1;
     *absmax2 = new2;
-    let (s1, s2, gf) = (&s1[..n], &s2[..n], &gf[..n]);
+    let (s1, s2, gf) = (&buf.s1[..n], &buf.s2[..n], &buf.g[..n]);
     update_params(p, s1, s2, gf, k);
     Encoder::signed().encode_divided(s1, new1, c1);
     for (c, &m) in c1.iter_mut().zip(s1) {
