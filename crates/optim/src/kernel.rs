@@ -7,7 +7,7 @@
 //! no contraction), so a GPU may differ from them in the last bit of an intermediate, and through
 //! that, rarely, by one 8-bit code.
 
-use crate::element::Element;
+use crate::element::{Dtype, Element};
 use crate::error::Error;
 use qlora_double_quant::{DynamicMap, Encoder, OPTIMIZER_BLOCKSIZE};
 use rayon::prelude::*;
@@ -261,14 +261,17 @@ const LANES: usize = 16;
 
 /// One block (≤ 256 elements) of the fused 8-bit update.
 ///
-/// Passes over 256-element buffers (the block stays in L1), each a straight loop over
-/// plain f32 slices without table lookups or branches, so they vectorize:
-/// 1. dequantize both states with the old absmax ([`DynamicMap::decode_scaled`]) and widen the
-///    gradient; a partial block fills its padding lanes as the kernel loads them (g = 0,
-///    state1 code 128, state2 code 0) and computes them like any other lane;
-/// 2. the moment updates, the non-finite-gradient reset and the new absmax (lane-wise maxima);
-/// 3. the parameter update;
-/// 4. re-quantization with [`Encoder::encode_divided`] (`s / new_absmax`), then the sign fix.
+/// Straight loops over 256-element buffers (the block stays in L1), without table lookups or
+/// branches, so they vectorize:
+/// 1. dequantize both states with the old absmax ([`DynamicMap::decode_scaled`]);
+/// 2. per lane: the moment updates, the non-finite-gradient reset, the running absmax (lane-wise
+///    maxima) and the parameter update, in one loop for a full block of f32 or bf16 parameters
+///    (f16 parameters, whose rounding does not vectorize, and partial blocks update in a second
+///    loop);
+/// 3. re-quantize with [`Encoder::encode_divided`] (`s / new_absmax`), then the sign fix.
+///
+/// A partial last block fills its padding lanes as the kernel loads them (g = 0, state1 code
+/// 128, state2 code 0) and computes them like any other lane for the absmax.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn block_8bit<P: Element, G: Element>(
@@ -290,6 +293,8 @@ fn block_8bit<P: Element, G: Element>(
     let old2 = *absmax2;
     map1.decode_scaled(c1, old1, &mut buf.s1[..n]);
     map2.decode_scaled(c2, old2, &mut buf.s2[..n]);
+    // A copy of the gradient in f32, even for f32: reading the just-written state buffers
+    // right after `decode_scaled` stalls (store forwarding) less with this pass in between.
     for (o, g) in buf.g.iter_mut().zip(g) {
         *o = g.to_f32();
     }
@@ -299,11 +304,21 @@ fn block_8bit<P: Element, G: Element>(
         buf.s2[n..].fill(map2.decode(0) * old2);
         buf.g[n..].fill(0.0);
     }
-    let (new1, new2) = moments(&mut buf.s1, &mut buf.s2, &buf.g, k);
+    let (s1, s2, gf) = (&mut buf.s1, &mut buf.s2, &buf.g);
+    let (new1, new2) = match <&mut [P; B]>::try_from(&mut *p) {
+        Ok(pf) if P::DTYPE != Dtype::F16 => match k.decay {
+            Some(decay) => lanes::<P, true, true>(Some(pf), gf, s1, s2, k, decay),
+            None => lanes::<P, true, false>(Some(pf), gf, s1, s2, k, 1.0),
+        },
+        _ => {
+            let r = lanes::<P, false, false>(None, gf, s1, s2, k, 1.0);
+            update_params(p, &s1[..n], &s2[..n], &gf[..n], k);
+            r
+        }
+    };
     *absmax1 = new1;
     *absmax2 = new2;
-    let (s1, s2, gf) = (&buf.s1[..n], &buf.s2[..n], &buf.g[..n]);
-    update_params(p, s1, s2, gf, k);
+    let (s1, s2) = (&buf.s1[..n], &buf.s2[..n]);
     Encoder::signed().encode_divided(s1, new1, c1);
     for (c, &m) in c1.iter_mut().zip(s1) {
         *c = sign_fix(*c, m);
@@ -311,39 +326,73 @@ fn block_8bit<P: Element, G: Element>(
     Encoder::unsigned().encode_divided(s2, new2, c2);
 }
 
-/// The moment updates of one full 256-lane block in place (`s1`, `s2` hold the dequantized old
-/// states), the reset of lanes whose gradient is not finite, and the new absmax of both.
+/// True for a finite gradient (false for ±inf and NaN).
 #[inline(always)]
-fn moments(
+fn finite(g: f32) -> bool {
+    g.abs() < f32::INFINITY
+}
+
+/// The moments of one lane from its dequantized old states; both 0 for a non-finite gradient.
+#[inline(always)]
+fn lane_moments(m: f32, v: f32, g: f32, k: &Consts) -> (f32, f32) {
+    let gs = g * k.gnorm_scale;
+    let v = v * k.beta2 + k.one_minus_beta2 * gs * gs;
+    let m = m * k.beta1 + k.one_minus_beta1 * gs;
+    // A non-finite gradient resets both moments of its element to 0.
+    let ok = finite(g);
+    (if ok { m } else { 0.0 }, if ok { v } else { 0.0 })
+}
+
+/// The updated parameter of one lane: `T(p + step_size · m / (sqrt(v) + c2·ε))`, then
+/// `T(p · decay)` when `DECAY`.
+#[inline(always)]
+fn lane_param<P: Element, const DECAY: bool>(p: P, m: f32, v: f32, k: &Consts, decay: f32) -> P {
+    let x = P::from_f32(p.to_f32() + k.step_size * (m / (v.sqrt() + k.c2_eps)));
+    if DECAY {
+        P::from_f32(x.to_f32() * decay)
+    } else {
+        x
+    }
+}
+
+/// The lane loop of one full 256-lane block: `s1`, `s2` (the dequantized old states) become the
+/// new moments, the new absmax of both is returned, and with `PARAMS` the parameters `p` are
+/// updated in the same loop (lanes with a non-finite gradient keep theirs).
+#[inline(always)]
+fn lanes<P: Element, const PARAMS: bool, const DECAY: bool>(
+    mut p: Option<&mut [P; OPTIMIZER_BLOCKSIZE]>,
+    g: &[f32; OPTIMIZER_BLOCKSIZE],
     s1: &mut [f32; OPTIMIZER_BLOCKSIZE],
     s2: &mut [f32; OPTIMIZER_BLOCKSIZE],
-    g: &[f32; OPTIMIZER_BLOCKSIZE],
     k: &Consts,
+    decay: f32,
 ) -> (f32, f32) {
     // cub's reduction starts from -FLT_MAX; fmaxf (like f32::max) skips NaN. `a > acc` is false
     // for a NaN `a`, so one compare-select per lane has fmaxf's semantics and keeps every
     // accumulator non-NaN.
     let mut acc1 = [f32::MIN; LANES];
     let mut acc2 = [f32::MIN; LANES];
-    for ((m, v), g) in s1
+    for (c, ((m, v), g)) in s1
         .chunks_exact_mut(LANES)
         .zip(s2.chunks_exact_mut(LANES))
         .zip(g.chunks_exact(LANES))
+        .enumerate()
     {
         for l in 0..LANES {
             let gv = g[l];
-            let ok = gv.abs() < f32::INFINITY; // finite (false for NaN)
-            let gs = gv * k.gnorm_scale;
-            let vv = v[l] * k.beta2 + k.one_minus_beta2 * gs * gs;
-            let mm = m[l] * k.beta1 + k.one_minus_beta1 * gs;
-            // A non-finite gradient resets both moments of its element to 0.
-            let mm = if ok { mm } else { 0.0 };
-            let vv = if ok { vv } else { 0.0 };
+            let (mm, vv) = lane_moments(m[l], v[l], gv, k);
             m[l] = mm;
             v[l] = vv;
             let (am, av) = (mm.abs(), vv.abs());
             acc1[l] = if am > acc1[l] { am } else { acc1[l] };
             acc2[l] = if av > acc2[l] { av } else { acc2[l] };
+            if PARAMS {
+                if let Some(p) = p.as_deref_mut() {
+                    let old = p[c * LANES + l];
+                    let x = lane_param::<P, DECAY>(old, mm, vv, k, decay);
+                    p[c * LANES + l] = if finite(gv) { x } else { old };
+                }
+            }
         }
     }
     let max = |acc: [f32; LANES]| {
@@ -353,26 +402,27 @@ fn moments(
     (max(acc1), max(acc2))
 }
 
-/// `p = T(p + step_size · s1 / (sqrt(s2) + c2·ε))`, then the decay, for the lanes whose
-/// gradient is finite (the others keep their parameter).
+/// The parameter update of the first `p.len()` lanes (lanes with a non-finite gradient keep
+/// their parameter), after [`lanes`] without `PARAMS`.
 #[inline(always)]
 fn update_params<P: Element>(p: &mut [P], s1: &[f32], s2: &[f32], g: &[f32], k: &Consts) {
-    let lanes = p.iter_mut().zip(s1).zip(s2).zip(g);
+    #[inline(always)]
+    fn run<P: Element, const DECAY: bool>(
+        p: &mut [P],
+        s1: &[f32],
+        s2: &[f32],
+        g: &[f32],
+        k: &Consts,
+        decay: f32,
+    ) {
+        for (((p, &m), &v), g) in p.iter_mut().zip(s1).zip(s2).zip(g) {
+            let x = lane_param::<P, DECAY>(*p, m, v, k, decay);
+            *p = if finite(*g) { x } else { *p };
+        }
+    }
     match k.decay {
-        Some(decay) => {
-            for (((p, &m), &v), &g) in lanes {
-                let x = p.to_f32() + k.step_size * (m / (v.sqrt() + k.c2_eps));
-                let x = P::from_f32(P::from_f32(x).to_f32() * decay);
-                *p = if g.abs() < f32::INFINITY { x } else { *p };
-            }
-        }
-        None => {
-            for (((p, &m), &v), &g) in lanes {
-                let x = p.to_f32() + k.step_size * (m / (v.sqrt() + k.c2_eps));
-                let x = P::from_f32(x);
-                *p = if g.abs() < f32::INFINITY { x } else { *p };
-            }
-        }
+        Some(decay) => run::<P, true>(p, s1, s2, g, k, decay),
+        None => run::<P, false>(p, s1, s2, g, k, 1.0),
     }
 }
 
