@@ -380,3 +380,14 @@ fn an_unavailable_implementation_is_an_error_not_a_crash() {
         }
     }
 }
+
+#[test]
+fn the_active_implementation_is_the_best_unless_scalar_is_forced() {
+    let forced = std::env::var_os("QLORA_FORCE_SCALAR").is_some_and(|v| v == "1");
+    let expected = if forced {
+        Implementation::Scalar
+    } else {
+        Implementation::best()
+    };
+    assert_eq!(Implementation::active(), expected);
+}
