@@ -91,13 +91,13 @@
 //!
 //! `benches/adamw.rs` prints each step for every implementation as a fraction of a memcpy
 //! measured in the same run. On a shared 2-core AMD EPYC (Zen 4) VM, 16 Mi f32 parameters,
-//! AVX-512, other jobs loading the machine to about 4 (so nearer one core than two): the 32-bit
-//! step takes about 16 ms (29 GB/s; above the memcpy of the same run, 15–16 GB/s, which pays a
-//! read-for-ownership per written byte), the 8-bit step about 100 ms (2.7 GB/s, 0.17 of memcpy).
-//! About three quarters of the 8-bit step's time is the per-element (de)quantization of
-//! `qlora-double-quant` (a table lookup and a scalar division per code) while that crate's slice
-//! methods are scalar; this crate's share of the block loop is about 1.5 ns per element on one
-//! core.
+//! AVX-512, with other jobs loading the machine to 4–5 (so nearer one core than two): the 32-bit
+//! step takes 15–25 ms (20–31 GB/s, about 1.8× the bytes per second of the memcpy in the same
+//! run), the 8-bit step 100–150 ms (1.8–2.7 GB/s, 0.16–0.17 of memcpy). About three quarters of
+//! the 8-bit step's time is the (de)quantization in `qlora-double-quant` (a table lookup per code,
+//! a scalar division and table search per new code) while that crate's slice methods are scalar;
+//! with a vectorized stand-in for them, the rest of the step measured about 1.5 ns per element on
+//! one core (0.7–0.8 of memcpy).
 //!
 //! # Agreement with bitsandbytes
 //!
