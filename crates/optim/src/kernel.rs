@@ -16,10 +16,11 @@ use std::sync::OnceLock;
 /// Tensors of at least this many elements are updated on the rayon pool.
 pub const PARALLEL_THRESHOLD: usize = 1 << 15;
 
-/// Elements handed to one rayon task (a multiple of the 256-element block): 16 Ki elements, a
-/// few hundred KiB of parameter, gradient and state, large enough that scheduling costs nothing
-/// next to the work, small enough to balance a tensor over many threads.
-const TASK_ELEMS: usize = 64 * OPTIMIZER_BLOCKSIZE;
+/// Elements in one item of the rayon iteration (a multiple of the 256-element block): 4 Ki
+/// elements, several microseconds of work (rayon splits the items into jobs adaptively, so this
+/// is only the finest granularity), small enough that a LoRA-sized tensor (tens of thousands of
+/// elements) still spreads over many threads.
+const TASK_ELEMS: usize = 16 * OPTIMIZER_BLOCKSIZE;
 
 /// The scalars of one Adam step, exactly as bitsandbytes passes them to its kernels (all f32,
 /// `step` as an integer).

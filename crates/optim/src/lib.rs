@@ -80,7 +80,7 @@
 //! states (`DynamicMap::decode_scaled`), update moments, absmax and parameters in branch-free
 //! loops over fixed-length f32 buffers, re-quantize (`Encoder::encode_divided`, then the sign
 //! fix). The 32-bit step moves 28 bytes per parameter in one loop. Tensors of at least
-//! [`PARALLEL_THRESHOLD`] elements run on the rayon pool in tasks of 16 Ki elements; results do
+//! [`PARALLEL_THRESHOLD`] elements run on the rayon pool in items of 4 Ki elements; results do
 //! not depend on threading.
 //!
 //! The loops are safe Rust. Besides the baseline build (SSE2 on x86-64, auto-vectorized), the
