@@ -1,36 +1,30 @@
 //! [`Encoder`]: a table-driven encoder that returns exactly what [`DynamicMap::encode`] (the CUDA
-//! kernels' binary search) returns, several times faster.
+//! kernels' binary search) returns, many times faster, with SIMD slice forms.
 //!
 //! The kernel's search always ends on the nearest code, and a value exactly on the f32 midpoint
 //! `(code[k] + code[k+1]) * 0.5` of two codes goes to the even index. So the code of `x` is
 //! `#{k : mid[k] < x}`, moved up by one when `x == mid[k]` for an odd `k`; NaN gives 0. Folding the
 //! tie rule into the thresholds (`thr[k] = mid[k]` for even `k`, the next f32 below for odd `k`)
-//! makes it a plain count `#{k : x > thr[k]}`, found by bucketing the order-preserving integer
-//! key of `x` (sign-folded f32 bits): each bucket stores the count of its smallest value, and two
-//! compares against the (at most two) thresholds inside the bucket finish it, without branches.
-//! Tests compare it against `DynamicMap::encode` on every midpoint, code and neighbour and on a
-//! dense sweep of bit patterns.
+//! makes it a plain count `#{k : x > thr[k]}`. In the order-preserving integer key of `x`
+//! (sign-folded f32 bits) that count is found by bucketing: buckets are `2^shift` consecutive keys,
+//! narrow enough that none holds more than one threshold (the closest two thresholds of the signed
+//! map are 176 948 keys apart, of the unsigned map 88 474), and each bucket stores one `u32`: the
+//! count of its smallest key in the top byte and the offset inside the bucket from which the count
+//! is one higher in the low 24 bits. A code is then one table load, one compare and one add; values
+//! outside `[-1, 1]` (and NaN) clamp to 0 / 255 as the search does. The slice methods run the same
+//! computation 16 (AVX-512: `vpgatherdd`), 8 (AVX2) or 4 (NEON) lanes at a time; see
+//! [`Implementation`]. Tests compare every implementation with `DynamicMap::encode` on every
+//! midpoint, code and neighbour, the special values and a dense sweep of bit patterns.
 
+use crate::simd::Implementation;
 use crate::DynamicMap;
 use std::sync::OnceLock;
 
-/// Buckets are `2^SHIFT` consecutive f32 values wide (1/64 of an octave); at this width no
-/// bucket of either map holds more than [`MAX_MIDS_PER_BUCKET`] midpoints (checked when the
-/// table is built and by a test), so two compares finish every count without a loop.
-const SHIFT: u32 = 17;
-
-/// Most decision thresholds inside one bucket.
-const MAX_MIDS_PER_BUCKET: usize = 2;
-
 /// Order-preserving map of f32 bit patterns to u32 (`a < b` ⇒ `key(a) < key(b)` for non-NaN).
 #[inline(always)]
-fn key(x: f32) -> u32 {
+pub(crate) fn key(x: f32) -> u32 {
     let b = x.to_bits();
-    if b & 0x8000_0000 != 0 {
-        !b
-    } else {
-        b | 0x8000_0000
-    }
+    b ^ (((b as i32) >> 31) as u32 | 0x8000_0000)
 }
 
 #[inline(always)]
@@ -42,13 +36,49 @@ fn unkey(k: u32) -> f32 {
     }
 }
 
-/// Number of buckets covering `[-1, 1]` (`(key(1.0) - key_lo) >> SHIFT` is 16 256).
-const BUCKETS: usize = 1 << 14;
+/// Bits of a bucket entry that hold the in-bucket offset at which the count steps up.
+pub(crate) const OFFSET_BITS: u32 = 24;
+
+/// The bucket table of one map, as the SIMD kernels read it.
+#[derive(Debug)]
+pub(crate) struct Table {
+    /// Per bucket: `base << 24 | step`, where `base` is the code of the bucket's smallest key and
+    /// the code is `base + 1` from in-bucket offset `step` on (`step == 2^shift`: never).
+    pub(crate) entries: Box<[u32]>,
+    /// `log2` of the bucket width in keys.
+    pub(crate) shift: u32,
+    /// The key of the first bucket's smallest value (at or below `key(-1.0)`).
+    pub(crate) key_lo: u32,
+}
+
+impl Table {
+    /// Index of the last bucket (indices are clamped to it, so any input stays in bounds).
+    #[inline(always)]
+    pub(crate) fn last(&self) -> u32 {
+        (self.entries.len() - 1) as u32
+    }
+
+    /// The code of `x` for `|x| <= 1` (not NaN); an unspecified code otherwise.
+    #[inline(always)]
+    pub(crate) fn lookup(&self, x: f32) -> u8 {
+        let d = key(x).wrapping_sub(self.key_lo);
+        let b = ((d >> self.shift) as usize).min(self.entries.len() - 1);
+        let e = self.entries[b];
+        let off = d & ((1u32 << self.shift) - 1);
+        ((e >> OFFSET_BITS) + u32::from(off >= e & ((1 << OFFSET_BITS) - 1))) as u8
+    }
+}
 
 /// Fast exact encoder for one dynamic map: [`DynamicMap::encode`], code for code, without the
 /// binary search.
 ///
-/// Get one with [`DynamicMap::encoder`] (built once per map, about 17 KiB of tables).
+/// Get one with [`DynamicMap::encoder`] (built once per map: 64 KiB of tables for the signed map,
+/// 128 KiB for the unsigned one, of which data in `[0.01, 1]` touches a few KiB).
+///
+/// The slice methods ([`encode_slice`](Self::encode_slice), [`encode_scaled`](Self::encode_scaled),
+/// [`encode_divided`](Self::encode_divided)) run the best SIMD [`Implementation`] of the CPU,
+/// picked once (`QLORA_FORCE_SCALAR=1` forces the scalar code); [`Implementation`]'s methods run a
+/// chosen one. All give the same bytes.
 ///
 /// ```
 /// use qlora_double_quant::DynamicMap;
@@ -65,54 +95,54 @@ const BUCKETS: usize = 1 << 14;
 #[derive(Debug)]
 pub struct Encoder {
     map: &'static DynamicMap,
-    /// Decision thresholds: the code of `x` is the number of `k` with `x > thr[k]`. For even `k`
-    /// `thr[k]` is the midpoint between codes `k` and `k+1` (a tie stays at the even `k`), for
-    /// odd `k` the next f32 below it (a tie moves up to the even `k+1`). Entries from 255 on are
-    /// NaN: `x > NaN` is false, so a count never passes 255.
-    thr: Box<[f32; 512]>,
-    /// The count of the smallest value of each bucket.
-    base: Box<[u8; BUCKETS]>,
-    key_lo: u32,
+    table: Table,
 }
 
 impl Encoder {
     fn new(map: &'static DynamicMap) -> Self {
         let code = map.values();
-        let mut thr = Box::new([f32::NAN; 512]);
-        for k in 0..255 {
-            let mid = (code[k] + code[k + 1]) * 0.5;
-            assert!(mid != 0.0 && mid.is_finite());
-            thr[k] = if k % 2 == 0 {
-                mid
-            } else if mid > 0.0 {
-                f32::from_bits(mid.to_bits() - 1)
-            } else {
-                f32::from_bits(mid.to_bits() + 1)
-            };
+        // Threshold keys: the code of `x` is the number of `k` with `key(x) > kt[k]`. For odd `k`
+        // the threshold is the next f32 below the midpoint (key one lower), so a tie moves up.
+        let kt: Vec<u32> = (0..255)
+            .map(|k| {
+                let mid = (code[k] + code[k + 1]) * 0.5;
+                assert!(mid != 0.0 && mid.is_finite());
+                key(mid) - (k as u32 & 1)
+            })
+            .collect();
+        assert!(kt.windows(2).all(|w| w[0] < w[1]));
+        let min_gap = kt.windows(2).map(|w| w[1] - w[0]).min().unwrap_or(u32::MAX);
+        // The widest buckets that hold at most one threshold each.
+        let shift = min_gap.ilog2().min(OFFSET_BITS - 1);
+        // The table covers every value of [-1, 1]; others are clamped by the callers.
+        let key_lo = key(-1.0) & !((1u32 << shift) - 1);
+        let buckets = (((key(1.0) - key_lo) >> shift) + 1) as usize;
+        let mut entries = vec![0u32; buckets].into_boxed_slice();
+        let mut below = 0usize; // thresholds with key < first key of the bucket
+        for (b, e) in entries.iter_mut().enumerate() {
+            let first = key_lo + ((b as u32) << shift);
+            let last = first + ((1 << shift) - 1);
+            while below < kt.len() && kt[below] < first {
+                below += 1;
+            }
+            let mut inside = kt[below..].iter().take_while(|&&t| t <= last);
+            let step = inside.next().map_or(1 << shift, |&t| t - first + 1);
+            assert!(inside.next().is_none(), "bucket {b} holds two thresholds");
+            *e = (below as u32) << OFFSET_BITS | step;
         }
-        // The table covers every value of [-1, 1]; others take the exact slow path.
-        let key_lo = key(-1.0) & !((1u32 << SHIFT) - 1);
-        let buckets = (((key(1.0) - key_lo) >> SHIFT) + 1) as usize;
-        assert!(buckets <= BUCKETS);
-        let cnt = |x: f32| thr[..255].iter().filter(|&&t| x > t).count();
-        let mut base = Box::new([255u8; BUCKETS]);
-        for b in 0..buckets {
-            let first = key_lo + ((b as u32) << SHIFT);
-            let last = first + ((1 << SHIFT) - 1);
-            base[b] = cnt(unkey(first)) as u8;
-            // Thresholds crossed inside the bucket: at most two, so two compares finish a count.
-            let inside = cnt(unkey(last)) - base[b] as usize;
-            assert!(
-                inside <= MAX_MIDS_PER_BUCKET,
-                "bucket {b} holds {inside} thresholds"
-            );
-        }
+        debug_assert_eq!(unkey(key(-0.5)), -0.5);
         Encoder {
             map,
-            thr,
-            base,
-            key_lo,
+            table: Table {
+                entries,
+                shift,
+                key_lo,
+            },
         }
+    }
+
+    pub(crate) fn table(&self) -> &Table {
+        &self.table
     }
 
     /// The encoder of the signed map (`qmap1`, `nested_quant_map`).
@@ -148,10 +178,7 @@ impl Encoder {
     /// code (but no panic).
     #[inline(always)]
     pub fn encode_in_range(&self, x: f32) -> u8 {
-        let b = (key(x).wrapping_sub(self.key_lo) >> SHIFT) as usize & (BUCKETS - 1);
-        let i = self.base[b] as usize;
-        let i = i + usize::from(x > self.thr[i]);
-        (i + usize::from(x > self.thr[i & 511])) as u8
+        self.table.lookup(x)
     }
 
     /// `out[i] = self.encode(xn[i])` for every element.
@@ -163,9 +190,7 @@ impl Encoder {
             out.len() >= xn.len(),
             "encode_slice: output shorter than input"
         );
-        for (o, &x) in out.iter_mut().zip(xn) {
-            *o = self.encode(x);
-        }
+        Implementation::active().encode_slice(self, xn, out);
     }
 
     /// `out[i] = self.encode(values[i] * scale)` (f32 product), as bitsandbytes' blockwise
@@ -178,9 +203,7 @@ impl Encoder {
             out.len() >= values.len(),
             "encode_scaled: output shorter than input"
         );
-        for (o, &x) in out.iter_mut().zip(values) {
-            *o = self.encode(x * scale);
-        }
+        Implementation::active().encode_scaled(self, values, scale, out);
     }
 
     /// `out[i] = self.encode(values[i] / divisor)` (IEEE f32 division), as bitsandbytes' 8-bit
@@ -193,9 +216,7 @@ impl Encoder {
             out.len() >= values.len(),
             "encode_divided: output shorter than input"
         );
-        for (o, &x) in out.iter_mut().zip(values) {
-            *o = self.encode(x / divisor);
-        }
+        Implementation::active().encode_divided(self, values, divisor, out);
     }
 }
 

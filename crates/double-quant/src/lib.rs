@@ -56,11 +56,16 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `testing` | proptest strategies (absmax values, optimizer moments) and reference oracles in the `testing` module, for downstream property tests |
-#![forbid(unsafe_code)]
+// `unsafe` is confined to the SIMD kernels in `arch`; everything else is safe code.
+#![deny(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[allow(unsafe_code)]
+mod arch;
 mod encoder;
 mod maps_table;
+mod simd;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
@@ -69,6 +74,7 @@ use rayon::prelude::*;
 
 pub use encoder::Encoder;
 pub use maps_table::{SIGNED_DYNAMIC_MAP_BITS, UNSIGNED_DYNAMIC_MAP_BITS};
+pub use simd::Implementation;
 
 /// Block size of the nested (double) quantization of the absmax: bitsandbytes always uses 256.
 pub const NESTED_BLOCKSIZE: usize = 256;
@@ -172,7 +178,8 @@ impl DynamicMap {
     }
 
     /// `out[i] = self.decode(codes[i]) * scale` (f32 product): the dequantization of one block
-    /// with absmax `scale`.
+    /// with absmax `scale`. Runs the [`Implementation::active`] SIMD kernel (a gather from the
+    /// map and a multiply).
     ///
     /// # Panics
     /// If `out` is shorter than `codes`.
@@ -181,9 +188,7 @@ impl DynamicMap {
             out.len() >= codes.len(),
             "decode_scaled: output shorter than input"
         );
-        for (o, &c) in out.iter_mut().zip(codes) {
-            *o = self.values[c as usize] * scale;
-        }
+        Implementation::active().decode_scaled(self, codes, scale, out);
     }
 
     /// The code of a normalized value `xn` (normally in `[-1, 1]`), exactly as bitsandbytes' CUDA

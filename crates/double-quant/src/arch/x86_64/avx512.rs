@@ -1,0 +1,194 @@
+//! AVX-512 (F + BW + VL) slice kernels, 16 lanes.
+//!
+//! **Encode.** Per vector: the optional normalization (`vmulps` / `vdivps`, the scalar code's IEEE
+//! operations), the order-preserving key (`x ^ (sign-mask | 0x8000_0000)`), the bucket index
+//! `min((key - key_lo) >> shift, last)` (clamped, so every gather stays inside the table), one
+//! `vpgatherdd` of the bucket entries, and `code = (entry >> 24) + (offset >= entry & 0xff_ffff)`
+//! with an unsigned compare into a mask and a masked subtract of −1. Lanes outside `[-1, 1]` are
+//! patched like the binary search clamps: `x > 1` → 255, everything else (`x < -1`, NaN) → 0. The
+//! 16 codes are narrowed with `vpmovdb`. The last partial vector uses masked loads and stores.
+//!
+//! **Decode.** `vpmovzxbd` of 16 codes, `vgatherdps` from the 256-entry map, `vmulps` by the scale.
+
+use crate::encoder::{Table, OFFSET_BITS};
+use crate::simd::Normalize;
+use core::arch::x86_64::*;
+
+const NORM_NONE: u8 = 0;
+const NORM_MUL: u8 = 1;
+const NORM_DIV: u8 = 2;
+
+/// The AVX-512 kernels; a value exists only on a CPU with AVX-512 F, BW and VL.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Kernel {
+    _features_detected: (),
+}
+
+impl Kernel {
+    /// True when the CPU has AVX-512 F, BW and VL.
+    pub(crate) fn is_available() -> bool {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+    }
+
+    /// The kernels, if the CPU has the features.
+    pub(crate) fn new() -> Option<Self> {
+        Self::is_available().then_some(Kernel {
+            _features_detected: (),
+        })
+    }
+
+    /// `out[i] = code(normalize(x[i]))`.
+    pub(crate) fn encode(self, t: &Table, x: &[f32], how: Normalize, p: f32, out: &mut [u8]) {
+        assert_eq!(out.len(), x.len(), "encode: output length");
+        // SAFETY: `self` exists only after AVX-512 F, BW and VL were detected (`new`); `out` and
+        // `x` have the same length (asserted), which is all the kernel's pointer accesses rely on.
+        unsafe {
+            match how {
+                Normalize::None => encode::<NORM_NONE>(t, x, p, out),
+                Normalize::Mul => encode::<NORM_MUL>(t, x, p, out),
+                Normalize::Div => encode::<NORM_DIV>(t, x, p, out),
+            }
+        }
+    }
+
+    /// `out[i] = values[codes[i]] * scale`.
+    pub(crate) fn decode_scaled(
+        self,
+        values: &[f32; 256],
+        codes: &[u8],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        assert_eq!(out.len(), codes.len(), "decode: output length");
+        // SAFETY: features detected (`new`); equal lengths asserted; `values` holds 256 entries,
+        // so every u8 code indexes inside it.
+        unsafe { decode_scaled(values, codes, scale, out) }
+    }
+}
+
+/// Broadcast constants of one encode call.
+#[derive(Clone, Copy)]
+struct Consts {
+    entries: *const i32,
+    key_lo: __m512i,
+    last: __m512i,
+    shift: __m512i,
+    off_mask: __m512i,
+    sign: __m512i,
+    step_mask: __m512i,
+    one: __m512,
+    c255: __m512i,
+    p: __m512,
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn consts(t: &Table, p: f32) -> Consts {
+    Consts {
+        entries: t.entries.as_ptr().cast::<i32>(),
+        key_lo: _mm512_set1_epi32(t.key_lo as i32),
+        last: _mm512_set1_epi32(t.last() as i32),
+        shift: _mm512_set1_epi32(t.shift as i32),
+        off_mask: _mm512_set1_epi32(((1u32 << t.shift) - 1) as i32),
+        sign: _mm512_set1_epi32(i32::MIN),
+        step_mask: _mm512_set1_epi32(((1u32 << OFFSET_BITS) - 1) as i32),
+        one: _mm512_set1_ps(1.0),
+        c255: _mm512_set1_epi32(255),
+        p: _mm512_set1_ps(p),
+    }
+}
+
+/// The 16 codes of 16 (not yet normalized) values.
+///
+/// # Safety
+/// `c.entries` points to a table of `last + 1` entries (a [`Table`]'s).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn codes16<const NORM: u8>(c: &Consts, v: __m512) -> __m128i {
+    let v = match NORM {
+        NORM_MUL => _mm512_mul_ps(v, c.p),
+        NORM_DIV => _mm512_div_ps(v, c.p),
+        _ => v,
+    };
+    let b = _mm512_castps_si512(v);
+    let key = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32::<31>(b), c.sign));
+    let d = _mm512_sub_epi32(key, c.key_lo);
+    let idx = _mm512_min_epu32(_mm512_srlv_epi32(d, c.shift), c.last);
+    // SAFETY: every index is at most `last` (clamped above), inside the table (caller).
+    let e = unsafe { _mm512_i32gather_epi32::<4>(idx, c.entries) };
+    let off = _mm512_and_si512(d, c.off_mask);
+    let up = _mm512_cmpge_epu32_mask(off, _mm512_and_si512(e, c.step_mask));
+    let base = _mm512_srli_epi32::<OFFSET_BITS>(e);
+    let code = _mm512_mask_sub_epi32(base, up, base, _mm512_set1_epi32(-1));
+    // Outside [-1, 1]: above 1 → 255; below −1 and NaN → 0 (the binary search's clamps).
+    let in_range = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_abs_ps(v), c.one);
+    let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, c.one);
+    let code = _mm512_mask_mov_epi32(_mm512_maskz_mov_epi32(in_range, code), above, c.c255);
+    _mm512_cvtepi32_epi8(code)
+}
+
+/// # Safety
+/// AVX-512 F, BW and VL are available; `out.len() == x.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn encode<const NORM: u8>(t: &Table, x: &[f32], p: f32, out: &mut [u8]) {
+    let c = consts(t, p);
+    let n = x.len();
+    let (src, dst) = (x.as_ptr(), out.as_mut_ptr());
+    let mut i = 0;
+    while i + 32 <= n {
+        // SAFETY: elements i .. i+32 lie inside `x` and `out` (equal lengths); the table is `t`'s.
+        unsafe {
+            let a = codes16::<NORM>(&c, _mm512_loadu_ps(src.add(i)));
+            let b = codes16::<NORM>(&c, _mm512_loadu_ps(src.add(i + 16)));
+            _mm_storeu_si128(dst.add(i).cast(), a);
+            _mm_storeu_si128(dst.add(i + 16).cast(), b);
+        }
+        i += 32;
+    }
+    while i < n {
+        let m: __mmask16 = if n - i >= 16 {
+            0xffff
+        } else {
+            ((1u32 << (n - i)) - 1) as u16
+        };
+        // SAFETY: the masked load and store touch only the `min(16, n - i)` elements from `i`,
+        // inside `x` and `out`; masked-off lanes load 0.0, whose bucket is inside the table.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(m, src.add(i));
+            _mm_mask_storeu_epi8(dst.add(i).cast(), m, codes16::<NORM>(&c, v));
+        }
+        i += 16;
+    }
+}
+
+/// # Safety
+/// AVX-512 F, BW and VL are available; `out.len() == codes.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn decode_scaled(values: &[f32; 256], codes: &[u8], scale: f32, out: &mut [f32]) {
+    let n = codes.len();
+    let s = _mm512_set1_ps(scale);
+    let (src, dst, table) = (codes.as_ptr(), out.as_mut_ptr(), values.as_ptr());
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: codes i .. i+16 and outputs i .. i+16 are in bounds (equal lengths); a u8 code
+        // indexes inside the 256-entry table.
+        unsafe {
+            let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(src.add(i).cast()));
+            let v = _mm512_i32gather_ps::<4>(idx, table);
+            _mm512_storeu_ps(dst.add(i), _mm512_mul_ps(v, s));
+        }
+        i += 16;
+    }
+    if i < n {
+        let m = ((1u32 << (n - i)) - 1) as u16;
+        // SAFETY: the masked load and store touch only the `n - i` elements from `i`; masked-off
+        // codes load as 0, inside the table.
+        unsafe {
+            let idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, src.add(i).cast()));
+            let v = _mm512_i32gather_ps::<4>(idx, table);
+            _mm512_mask_storeu_ps(dst.add(i), m, _mm512_mul_ps(v, s));
+        }
+    }
+}

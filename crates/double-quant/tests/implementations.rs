@@ -1,0 +1,331 @@
+//! Every slice-kernel [`Implementation`] this machine can run against the oracle
+//! [`DynamicMap::encode`] (the transliterated CUDA binary search) and the scalar product
+//! `values[code] * scale`.
+
+use proptest::prelude::*;
+use qlora_double_quant::{DynamicMap, Encoder, Implementation};
+
+fn maps() -> [(&'static DynamicMap, &'static Encoder); 2] {
+    [
+        (DynamicMap::signed(), Encoder::signed()),
+        (DynamicMap::unsigned(), Encoder::unsigned()),
+    ]
+}
+
+fn ulp(x: f32, d: i32) -> f32 {
+    f32::from_bits(x.to_bits().wrapping_add_signed(d))
+}
+
+/// Codes, midpoints and their neighbours, and the special values, both signs.
+fn probes(map: &DynamicMap) -> Vec<f32> {
+    let v = map.values();
+    let mut p = vec![
+        0.0f32,
+        f32::NAN,
+        f32::from_bits(0x7fc0_1234), // a NaN with payload
+        f32::from_bits(0x7f80_0001), // a signalling NaN
+        f32::INFINITY,
+        f32::MAX,
+        1.0,
+        ulp(1.0, 1),
+        ulp(1.0, -1),
+        1.5,
+        2.0,
+        1e30,
+        f32::MIN_POSITIVE,
+        ulp(f32::MIN_POSITIVE, -1), // the largest subnormal
+        f32::from_bits(1),          // the smallest subnormal
+        f32::from_bits(0x0004_0000),
+        1e-30,
+        1e-7,
+    ];
+    for k in 0..256 {
+        let c = v[k];
+        p.extend([c, ulp(c, 1), ulp(c, -1), ulp(c, 2), ulp(c, -2)]);
+        if k < 255 {
+            let m = (v[k] + v[k + 1]) * 0.5;
+            p.extend([m, ulp(m, 1), ulp(m, -1), ulp(m, 2), ulp(m, -2)]);
+        }
+    }
+    let neg: Vec<f32> = p.iter().map(|x| -x).collect();
+    p.extend(neg);
+    p
+}
+
+/// Every 4099th f32 bit pattern (all exponents, NaNs, infinities), plus every 127th pattern of
+/// [-2, 2].
+fn sweep() -> Vec<f32> {
+    let mut x: Vec<f32> = (0..=u32::MAX).step_by(4099).map(f32::from_bits).collect();
+    for sign in [0u32, 0x8000_0000] {
+        x.extend(
+            (0..=2.0f32.to_bits())
+                .step_by(127)
+                .map(|b| f32::from_bits(b | sign)),
+        );
+    }
+    x
+}
+
+fn hex(x: f32) -> String {
+    format!("{x:e} ({:#010x})", x.to_bits())
+}
+
+/// Runs all three slice encoders of `imp` on `x` and compares every code with the oracle.
+fn check_encoders(imp: Implementation, map: &DynamicMap, enc: &Encoder, x: &[f32], p: f32) {
+    let mut out = vec![0u8; x.len()];
+    imp.encode_slice(enc, x, &mut out);
+    for (i, (&v, &c)) in x.iter().zip(&out).enumerate() {
+        assert_eq!(c, map.encode(v), "{imp} encode_slice [{i}] x = {}", hex(v));
+    }
+    imp.encode_scaled(enc, x, p, &mut out);
+    for (i, (&v, &c)) in x.iter().zip(&out).enumerate() {
+        assert_eq!(
+            c,
+            map.encode(v * p),
+            "{imp} encode_scaled [{i}] x = {}, scale {}",
+            hex(v),
+            hex(p)
+        );
+    }
+    imp.encode_divided(enc, x, p, &mut out);
+    for (i, (&v, &c)) in x.iter().zip(&out).enumerate() {
+        assert_eq!(
+            c,
+            map.encode(v / p),
+            "{imp} encode_divided [{i}] x = {}, divisor {}",
+            hex(v),
+            hex(p)
+        );
+    }
+}
+
+const FACTORS: [f32; 9] = [
+    1.0,
+    0.5,
+    3.0,
+    -1.0,
+    1.0 / 3.0,
+    0.0,
+    f32::INFINITY,
+    f32::NAN,
+    1e-3,
+];
+
+#[test]
+fn all_implementations_are_listed() {
+    let all = Implementation::available();
+    assert_eq!(all.last(), Some(&Implementation::Scalar));
+    assert!(all.contains(&Implementation::best()));
+    assert!(all.contains(&Implementation::active()));
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        assert!(all.contains(&Implementation::Avx2), "{all:?}");
+    }
+    eprintln!("implementations tested: {all:?}");
+}
+
+#[test]
+fn every_implementation_equals_the_binary_search_on_probes() {
+    for imp in Implementation::available() {
+        for (map, enc) in maps() {
+            let x = probes(map);
+            for p in FACTORS {
+                check_encoders(imp, map, enc, &x, p);
+            }
+        }
+    }
+}
+
+#[test]
+fn every_implementation_equals_the_binary_search_on_a_bit_pattern_sweep() {
+    let x = sweep();
+    for (map, enc) in maps() {
+        let oracle: Vec<u8> = x.iter().map(|&v| map.encode(v)).collect();
+        let scaled: Vec<u8> = x.iter().map(|&v| map.encode(v * 0.75)).collect();
+        let divided: Vec<u8> = x.iter().map(|&v| map.encode(v / 1.25)).collect();
+        for imp in Implementation::available() {
+            let mut out = vec![0u8; x.len()];
+            imp.encode_slice(enc, &x, &mut out);
+            for i in 0..x.len() {
+                assert_eq!(out[i], oracle[i], "{imp} x = {}", hex(x[i]));
+            }
+            imp.encode_scaled(enc, &x, 0.75, &mut out);
+            for i in 0..x.len() {
+                assert_eq!(out[i], scaled[i], "{imp} scaled x = {}", hex(x[i]));
+            }
+            imp.encode_divided(enc, &x, 1.25, &mut out);
+            for i in 0..x.len() {
+                assert_eq!(out[i], divided[i], "{imp} divided x = {}", hex(x[i]));
+            }
+        }
+    }
+}
+
+#[test]
+fn lengths_and_unaligned_starts_write_exactly_their_range() {
+    for (map, enc) in maps() {
+        // Values that cover many codes and every special case, in a shuffled order.
+        let pool: Vec<f32> = probes(map).into_iter().step_by(3).collect();
+        for imp in Implementation::available() {
+            for start in 0..17 {
+                for len in 0..=70 {
+                    let x = &pool[start * 5..start * 5 + len];
+                    let mut buf = vec![0xA5u8; len + start + 9];
+                    let out = &mut buf[start..];
+                    imp.encode_scaled(enc, x, 0.5, out);
+                    for (i, &v) in x.iter().enumerate() {
+                        assert_eq!(out[i], map.encode(v * 0.5), "{imp} start {start} len {len}");
+                    }
+                    assert!(
+                        buf[..start].iter().all(|&b| b == 0xA5),
+                        "{imp} wrote before"
+                    );
+                    assert!(
+                        buf[start + len..].iter().all(|&b| b == 0xA5),
+                        "{imp} wrote past the input length (start {start}, len {len})"
+                    );
+                    let out = &mut buf[start..start + len];
+                    imp.encode_slice(enc, x, out);
+                    for (i, &v) in x.iter().enumerate() {
+                        assert_eq!(out[i], map.encode(v), "{imp} start {start} len {len}");
+                    }
+                    imp.encode_divided(enc, x, 3.0, out);
+                    for (i, &v) in x.iter().enumerate() {
+                        assert_eq!(out[i], map.encode(v / 3.0), "{imp} start {start} len {len}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn same(a: f32, b: f32) -> bool {
+    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+}
+
+#[test]
+fn decode_scaled_equals_the_scalar_product() {
+    let codes: Vec<u8> = (0..=255u8)
+        .chain((0..=255u8).rev())
+        .chain([7, 0, 255])
+        .collect();
+    for map in [DynamicMap::signed(), DynamicMap::unsigned()] {
+        for imp in Implementation::available() {
+            for scale in [
+                1.0f32,
+                0.037,
+                -2.5,
+                0.0,
+                f32::INFINITY,
+                f32::NAN,
+                1e-40,
+                3e38,
+            ] {
+                for start in 0..17 {
+                    for len in (0..=70).chain([codes.len() - start]) {
+                        let c = &codes[start..start + len];
+                        let mut buf = vec![-7.0f32; len + start + 9];
+                        imp.decode_scaled(map, c, scale, &mut buf[start..]);
+                        for (i, &code) in c.iter().enumerate() {
+                            let want = map.values()[code as usize] * scale;
+                            let got = buf[start + i];
+                            assert!(
+                                same(got, want),
+                                "{imp} code {code} × {scale}: {got} vs {want}"
+                            );
+                        }
+                        assert!(buf[..start].iter().all(|&v| v == -7.0));
+                        assert!(
+                            buf[start + len..].iter().all(|&v| v == -7.0),
+                            "{imp} len {len}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn methods_on_the_encoder_and_map_use_an_exact_implementation() {
+    let x = sweep();
+    for (map, enc) in maps() {
+        let mut out = vec![0u8; x.len()];
+        enc.encode_slice(&x, &mut out);
+        assert!(x.iter().zip(&out).all(|(&v, &c)| c == map.encode(v)));
+        enc.encode_scaled(&x, 0.3, &mut out);
+        assert!(x.iter().zip(&out).all(|(&v, &c)| c == map.encode(v * 0.3)));
+        enc.encode_divided(&x, 0.3, &mut out);
+        assert!(x.iter().zip(&out).all(|(&v, &c)| c == map.encode(v / 0.3)));
+        let codes: Vec<u8> = (0..1000).map(|i| (i * 37 % 256) as u8).collect();
+        let mut back = vec![0f32; 1000];
+        map.decode_scaled(&codes, 0.01, &mut back);
+        for (&c, &b) in codes.iter().zip(&back) {
+            assert_eq!(b.to_bits(), (map.decode(c) * 0.01).to_bits());
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "output shorter than input")]
+fn short_output_panics() {
+    let mut out = [0u8; 3];
+    Encoder::signed().encode_scaled(&[0.0; 4], 1.0, &mut out);
+}
+
+#[test]
+#[should_panic(expected = "output shorter than input")]
+fn short_output_panics_for_every_implementation() {
+    let imp = Implementation::best();
+    let mut out = [0f32; 3];
+    imp.decode_scaled(DynamicMap::signed(), &[0; 4], 1.0, &mut out);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+    #[test]
+    fn slice_encoders_equal_the_binary_search(
+        raw in prop::collection::vec(any::<f32>(), 0..80),
+        unit in prop::collection::vec(-1.0f32..=1.0, 0..80),
+        p in prop_oneof![any::<f32>(), 0.5f32..4.0],
+        start in 0usize..8,
+    ) {
+        for x in [&raw, &unit] {
+            let x = &x[start.min(x.len())..];
+            for imp in Implementation::available() {
+                for (map, enc) in maps() {
+                    let mut out = vec![0u8; x.len()];
+                    imp.encode_slice(enc, x, &mut out);
+                    for (&v, &c) in x.iter().zip(&out) {
+                        prop_assert_eq!(c, map.encode(v), "{} x = {}", imp, hex(v));
+                    }
+                    imp.encode_scaled(enc, x, p, &mut out);
+                    for (&v, &c) in x.iter().zip(&out) {
+                        prop_assert_eq!(c, map.encode(v * p), "{} x = {}", imp, hex(v));
+                    }
+                    imp.encode_divided(enc, x, p, &mut out);
+                    for (&v, &c) in x.iter().zip(&out) {
+                        prop_assert_eq!(c, map.encode(v / p), "{} x = {}", imp, hex(v));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decode_scaled_equals_the_product(
+        codes in prop::collection::vec(any::<u8>(), 0..80),
+        scale in any::<f32>(),
+    ) {
+        for imp in Implementation::available() {
+            for map in [DynamicMap::signed(), DynamicMap::unsigned()] {
+                let mut out = vec![0f32; codes.len()];
+                imp.decode_scaled(map, &codes, scale, &mut out);
+                for (&c, &o) in codes.iter().zip(&out) {
+                    prop_assert!(same(o, map.values()[c as usize] * scale));
+                }
+            }
+        }
+    }
+}
