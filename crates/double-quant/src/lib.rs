@@ -281,10 +281,7 @@ pub fn num_blocks(n: usize, blocksize: usize) -> usize {
 pub fn quantize_block(map: &DynamicMap, block: &[f32], codes: &mut [u8]) -> f32 {
     debug_assert_eq!(block.len(), codes.len());
     let absmax = block_absmax(block);
-    let inv = 1.0f32 / absmax;
-    for (c, &x) in codes.iter_mut().zip(block) {
-        *c = map.encode(x * inv);
-    }
+    map.encoder().encode_scaled(block, 1.0f32 / absmax, codes);
     absmax
 }
 
@@ -362,12 +359,90 @@ pub struct DoubleQuantAbsmax {
 /// accumulated in f64 and rounded to f32. (bitsandbytes uses a float32 torch reduction whose
 /// summation order is implementation-defined; the last bit may differ, and a reader always uses
 /// the stored value.)
+///
+/// The value is that of a left-to-right f64 accumulation. When every partial sum of the input is
+/// exact in f64 (checked in the same pass: all values finite, and `ceil(log2 n)` plus the spread
+/// between the largest exponent and the lowest set bit of any value at most 29 bits; always true
+/// for the absmax of bf16/f16 weights, whose values carry 8/11 significant bits) any order gives
+/// that sum, so it is summed in 8 lanes on the rayon pool; otherwise sequentially.
 pub fn absmax_mean(absmax: &[f32]) -> f32 {
     if absmax.is_empty() {
         return 0.0;
     }
-    let sum: f64 = absmax.iter().map(|&a| a as f64).sum();
-    (sum / absmax.len() as f64) as f32
+    (sum_f64(absmax) / absmax.len() as f64) as f32
+}
+
+/// What one pass over a chunk learns: the sum in 8 f64 lanes, the largest `|x|` bit pattern, and
+/// the smallest `biased exponent + trailing zeros of the significand` (the position of the
+/// lowest set bit) over the non-zero values.
+#[derive(Clone, Copy)]
+struct SumScan {
+    sum: f64,
+    max_abs_bits: u32,
+    min_low_bit: u32,
+}
+
+const SUM_LANES: usize = 8;
+
+fn sum_scan(x: &[f32]) -> SumScan {
+    let mut acc = [0.0f64; SUM_LANES];
+    let mut max_bits = [0u32; SUM_LANES];
+    let mut low = [u32::MAX; SUM_LANES];
+    let mut lanes = x.chunks_exact(SUM_LANES);
+    let step = |j: usize, v: f32, acc: &mut [f64], max_bits: &mut [u32], low: &mut [u32]| {
+        acc[j] += v as f64;
+        let a = v.to_bits() & 0x7fff_ffff;
+        max_bits[j] = max_bits[j].max(a);
+        let e = a >> 23;
+        let significand = (a & 0x007f_ffff) | if e > 0 { 0x0080_0000 } else { 0 };
+        // The lowest set bit of the significand as an exact f32 power of two; its exponent field
+        // is 127 + trailing zeros (vectorizes, unlike `trailing_zeros`).
+        let lsb = (significand & significand.wrapping_neg()) as f32;
+        let pos = e.max(1) + (lsb.to_bits() >> 23).wrapping_sub(127);
+        low[j] = low[j].min(if a == 0 { u32::MAX } else { pos });
+    };
+    for c in &mut lanes {
+        for j in 0..SUM_LANES {
+            step(j, c[j], &mut acc, &mut max_bits, &mut low);
+        }
+    }
+    for (j, &v) in lanes.remainder().iter().enumerate() {
+        step(j, v, &mut acc, &mut max_bits, &mut low);
+    }
+    SumScan {
+        sum: acc.iter().sum(),
+        max_abs_bits: max_bits.into_iter().max().unwrap_or(0),
+        min_low_bit: low.into_iter().min().unwrap_or(u32::MAX),
+    }
+}
+
+/// `x.iter().map(|&v| v as f64)` summed left to right, exactly that value (see [`absmax_mean`]).
+fn sum_f64(x: &[f32]) -> f64 {
+    const CHUNK: usize = 1 << 16;
+    let scan = if x.len() >= 2 * CHUNK {
+        x.par_chunks(CHUNK)
+            .map(sum_scan)
+            .reduce_with(|a, b| SumScan {
+                sum: a.sum + b.sum,
+                max_abs_bits: a.max_abs_bits.max(b.max_abs_bits),
+                min_low_bit: a.min_low_bit.min(b.min_low_bit),
+            })
+            .expect("non-empty")
+    } else {
+        sum_scan(x)
+    };
+    // Every value is a multiple of 2^(min_low_bit - 150) and below 2^(e_max - 126); every partial
+    // sum (of any subset) is below n · 2^(e_max - 126) ≤ 2^(53 + min_low_bit - 150) when the test
+    // holds, hence exact in f64, and the sum does not depend on the order.
+    let e_max = scan.max_abs_bits >> 23;
+    let log_n = x.len().next_power_of_two().trailing_zeros();
+    // All-zero input goes the sequential way too (its sum's sign is that of the accumulation).
+    let finite_nonzero = scan.max_abs_bits != 0 && scan.max_abs_bits < 0x7f80_0000;
+    if finite_nonzero && log_n + e_max <= scan.min_low_bit + 29 {
+        scan.sum
+    } else {
+        x.iter().map(|&a| a as f64).sum()
+    }
 }
 
 impl DoubleQuantAbsmax {
@@ -579,6 +654,118 @@ mod tests {
         assert!(codes[..256].iter().all(|&c| c == 0));
         assert_eq!(codes[290], 255);
         assert_eq!(codes[291], 127);
+    }
+
+    /// The definition `absmax_mean` keeps: a left-to-right f64 accumulation.
+    fn sequential_sum(x: &[f32]) -> f64 {
+        x.iter().map(|&a| a as f64).sum()
+    }
+
+    fn check_sum(x: &[f32]) {
+        let (fast, slow) = (sum_f64(x), sequential_sum(x));
+        assert_eq!(
+            fast.to_bits(),
+            slow.to_bits(),
+            "n = {}: {fast} vs {slow}",
+            x.len()
+        );
+        if !x.is_empty() {
+            assert_eq!(
+                absmax_mean(x).to_bits(),
+                ((slow / x.len() as f64) as f32).to_bits()
+            );
+        }
+    }
+
+    #[test]
+    fn mean_is_the_sequential_f64_sum() {
+        let mut s = 0x9e37_79b9u32;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            s
+        };
+        for n in [0usize, 1, 7, 8, 9, 1000, (1 << 17) + 3, 1 << 20] {
+            // bf16-exact absmax values (8 significant bits): the parallel exact path.
+            let bf: Vec<f32> = (0..n)
+                .map(|_| f32::from_bits(0x3c00_0000 + ((next() % 0x0200_0000) & 0xffff_0000)))
+                .collect();
+            let (lo, hi) = (bf.len().next_power_of_two().trailing_zeros(), 0);
+            let scan = sum_scan(&bf);
+            if n > 0 {
+                // The exactness test holds, so the fast path is the one checked here.
+                assert!(
+                    lo + (scan.max_abs_bits >> 23) <= scan.min_low_bit + 29 + hi,
+                    "n = {n}"
+                );
+            }
+            check_sum(&bf);
+            // Arbitrary f32 values over many decades, both signs: mostly the sequential path.
+            let wide: Vec<f32> = (0..n)
+                .map(|_| f32::from_bits(next() & 0xbfff_ffff) * 1e-3)
+                .collect();
+            check_sum(&wide);
+            // Full-precision values of one octave: exact only for small n.
+            let octave: Vec<f32> = (0..n)
+                .map(|_| f32::from_bits(0x3f80_0000 | (next() & 0x007f_ffff)))
+                .collect();
+            check_sum(&octave);
+            // Cancelling pairs, zeros and subnormals.
+            let mut mixed: Vec<f32> = bf.iter().map(|&v| -v).chain(bf.iter().copied()).collect();
+            mixed.extend([0.0, -0.0, f32::from_bits(1), -f32::from_bits(3)]);
+            check_sum(&mixed);
+        }
+        for special in [
+            vec![-0.0f32],
+            vec![-0.0; 300_000],
+            vec![0.0, -0.0],
+            vec![1.0, f32::INFINITY, 2.0],
+            vec![f32::NAN; 9],
+            vec![f32::MAX; 20],
+            vec![1e-45; 20],
+            vec![1.0, -1.0],
+            vec![16_777_216.0, 1.0, 1.0, 1.0],
+        ] {
+            check_sum(&special);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn mean_is_the_sequential_f64_sum_for_any_input(
+            x in proptest::collection::vec(proptest::num::f32::ANY, 0..300),
+            half in proptest::collection::vec(0u16..0x7f80, 0..3000),
+        ) {
+            check_sum(&x);
+            // bf16 bit patterns (non-negative, finite): the exact path.
+            let bf: Vec<f32> = half.iter().map(|&h| f32::from_bits((h as u32) << 16)).collect();
+            check_sum(&bf);
+        }
+    }
+
+    #[test]
+    fn compress_equals_the_binary_search() {
+        // DoubleQuantAbsmax::compress runs the fast encoder; restate it on `DynamicMap::encode`.
+        let absmax: Vec<f32> = (0..70_000)
+            .map(|i| match i % 997 {
+                3 => 0.0,
+                5 => f32::from_bits(1),
+                _ => 0.003 + ((i * 7919) % 1013) as f32 * 1.7e-5,
+            })
+            .collect();
+        let dq = DoubleQuantAbsmax::compress(&absmax);
+        let offset = (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len() as f64) as f32;
+        assert_eq!(dq.offset.to_bits(), offset.to_bits());
+        for (j, block) in absmax.chunks(NESTED_BLOCKSIZE).enumerate() {
+            let c: Vec<f32> = block.iter().map(|&a| a - offset).collect();
+            let m = c.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
+            assert_eq!(dq.nested_absmax[j].to_bits(), m.to_bits());
+            for (i, &x) in c.iter().enumerate() {
+                let code = DynamicMap::signed().encode(x * (1.0 / m));
+                assert_eq!(dq.codes[j * NESTED_BLOCKSIZE + i], code, "block {j} [{i}]");
+            }
+        }
     }
 
     #[test]

@@ -448,8 +448,8 @@ pub fn quantize_into<T: Element>(
 }
 
 /// Double-quantize per-block absmax values: the same result as
-/// [`DoubleQuantAbsmax::compress`] (bitsandbytes' `compress_statistics`), byte for byte, with a
-/// branch-free search over the 8-bit map, on the rayon pool when large. Pair it with
+/// [`DoubleQuantAbsmax::compress`] (bitsandbytes' `compress_statistics`), byte for byte, with the
+/// SIMD encoder of the 8-bit map ([`qlora_double_quant::Encoder`]), on the rayon pool when large. Pair it with
 /// [`quantize_into`] to quantize into reused buffers with double quantization.
 pub fn double_quantize_absmax(absmax: &[f32]) -> DoubleQuantAbsmax {
     double_quant::compress(absmax)
