@@ -376,7 +376,7 @@ pub fn absmax_mean(absmax: &[f32]) -> f32 {
 /// the smallest `biased exponent + trailing zeros of the significand` (the position of the
 /// lowest set bit) over the non-zero values.
 #[derive(Clone, Copy)]
-struct SumScan {
+pub(crate) struct SumScan {
     sum: f64,
     max_abs_bits: u32,
     min_low_bit: u32,
@@ -384,30 +384,51 @@ struct SumScan {
 
 const SUM_LANES: usize = 8;
 
+/// [`SumScan`] of a chunk with the active [`Implementation`] (the same integer and f64 operations,
+/// compiled for AVX2 where the CPU has it: the portable build has no unsigned 32-bit min/max).
 fn sum_scan(x: &[f32]) -> SumScan {
+    match Implementation::active() {
+        #[cfg(all(target_arch = "x86_64", qlora_simd))]
+        Implementation::Avx512 | Implementation::Avx2 => arch::x86_64::avx2::Kernel::new()
+            .map_or_else(|| sum_scan_portable(x), |k| k.sum_scan(x)),
+        _ => sum_scan_portable(x),
+    }
+}
+
+/// [`sum_scan`] in portable code; inlined into the AVX2 build.
+#[inline(always)]
+pub(crate) fn sum_scan_portable(x: &[f32]) -> SumScan {
+    /// One value's part: its f64, `|x|` bits, and its lowest set bit position (`u32::MAX` for
+    /// zero). Branch-free integer and conversion operations, so the lane loop vectorizes.
+    #[inline(always)]
+    fn parts(v: f32) -> (f64, u32, u32) {
+        let a = v.to_bits() & 0x7fff_ffff;
+        let e = a >> 23;
+        let significand = (a & 0x007f_ffff) | (u32::from(e > 0) << 23);
+        // The lowest set bit of the significand as an exact f32 power of two (≤ 2^23, so the
+        // signed conversion is exact); its exponent field is 127 + trailing zeros.
+        let lsb = (significand & significand.wrapping_neg()) as i32 as f32;
+        let pos = e.max(1) + (lsb.to_bits() >> 23).wrapping_sub(127);
+        (v as f64, a, if a == 0 { u32::MAX } else { pos })
+    }
     let mut acc = [0.0f64; SUM_LANES];
     let mut max_bits = [0u32; SUM_LANES];
     let mut low = [u32::MAX; SUM_LANES];
     let mut lanes = x.chunks_exact(SUM_LANES);
-    let step = |j: usize, v: f32, acc: &mut [f64], max_bits: &mut [u32], low: &mut [u32]| {
-        acc[j] += v as f64;
-        let a = v.to_bits() & 0x7fff_ffff;
-        max_bits[j] = max_bits[j].max(a);
-        let e = a >> 23;
-        let significand = (a & 0x007f_ffff) | if e > 0 { 0x0080_0000 } else { 0 };
-        // The lowest set bit of the significand as an exact f32 power of two; its exponent field
-        // is 127 + trailing zeros (vectorizes, unlike `trailing_zeros`).
-        let lsb = (significand & significand.wrapping_neg()) as f32;
-        let pos = e.max(1) + (lsb.to_bits() >> 23).wrapping_sub(127);
-        low[j] = low[j].min(if a == 0 { u32::MAX } else { pos });
-    };
     for c in &mut lanes {
+        let c: &[f32; SUM_LANES] = c.try_into().expect("chunks_exact");
         for j in 0..SUM_LANES {
-            step(j, c[j], &mut acc, &mut max_bits, &mut low);
+            let (f, a, l) = parts(c[j]);
+            acc[j] += f;
+            max_bits[j] = max_bits[j].max(a);
+            low[j] = low[j].min(l);
         }
     }
     for (j, &v) in lanes.remainder().iter().enumerate() {
-        step(j, v, &mut acc, &mut max_bits, &mut low);
+        let (f, a, l) = parts(v);
+        acc[j] += f;
+        max_bits[j] = max_bits[j].max(a);
+        low[j] = low[j].min(l);
     }
     SumScan {
         sum: acc.iter().sum(),
@@ -693,6 +714,12 @@ mod tests {
                 .collect();
             let (lo, hi) = (bf.len().next_power_of_two().trailing_zeros(), 0);
             let scan = sum_scan(&bf);
+            let portable = sum_scan_portable(&bf);
+            assert_eq!(scan.sum.to_bits(), portable.sum.to_bits());
+            assert_eq!(
+                (scan.max_abs_bits, scan.min_low_bit),
+                (portable.max_abs_bits, portable.min_low_bit)
+            );
             if n > 0 {
                 // The exactness test holds, so the fast path is the one checked here.
                 assert!(
