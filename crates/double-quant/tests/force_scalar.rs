@@ -19,6 +19,9 @@ fn force_scalar_selects_the_scalar_code() {
     let mut back = vec![0f32; x.len()];
     DynamicMap::signed().decode_scaled(&codes, 0.5, &mut back);
     for (&c, &b) in codes.iter().zip(&back) {
-        assert_eq!(b.to_bits(), (DynamicMap::signed().decode(c) * 0.5).to_bits());
+        assert_eq!(
+            b.to_bits(),
+            (DynamicMap::signed().decode(c) * 0.5).to_bits()
+        );
     }
 }
