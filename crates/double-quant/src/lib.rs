@@ -74,7 +74,7 @@
 //! | [`DoubleQuantAbsmax::compress`], 1 Mi absmax values, 2 threads | 0.5 G |
 //!
 //! [`absmax_mean`] sums on the rayon pool when the f64 sum is provably independent of the order
-//! (always for the absmax of bf16/f16 weights), else left to right; both give the same bits.
+//! (in practice for the absmax of bf16/f16 weights), else left to right; both give the same bits.
 //!
 //! # Features
 //!
@@ -399,10 +399,11 @@ pub struct DoubleQuantAbsmax {
 /// the stored value.)
 ///
 /// The value is that of a left-to-right f64 accumulation. When every partial sum of the input is
-/// exact in f64 (checked in the same pass: all values finite, and `ceil(log2 n)` plus the spread
-/// between the largest exponent and the lowest set bit of any value at most 29 bits; always true
-/// for the absmax of bf16/f16 weights, whose values carry 8/11 significant bits) any order gives
-/// that sum, so it is summed in 8 lanes on the rayon pool; otherwise sequentially.
+/// provably exact in f64 (checked in the same pass: all values finite, and `ceil(log2 n)` plus the
+/// largest exponent at most 29 above the smallest exponent plus the fewest trailing zero bits of
+/// any fraction — true for the absmax of bf16/f16 weights, whose values carry 8/11 significant
+/// bits, unless the block maxima span more than about 20 octaves) any order gives that sum, so it
+/// is summed in 8 lanes on the rayon pool; otherwise sequentially.
 pub fn absmax_mean(absmax: &[f32]) -> f32 {
     if absmax.is_empty() {
         return 0.0;
@@ -410,14 +411,34 @@ pub fn absmax_mean(absmax: &[f32]) -> f32 {
     (sum_f64(absmax) / absmax.len() as f64) as f32
 }
 
-/// What one pass over a chunk learns: the sum in 8 f64 lanes, the largest `|x|` bit pattern, and
-/// the smallest `biased exponent + trailing zeros of the significand` (the position of the
-/// lowest set bit) over the non-zero values.
+/// What one pass over a chunk learns: the sum in 8 f64 lanes, the largest and the smallest
+/// non-zero `|x|` bit patterns, and the OR of all fraction bits.
 #[derive(Clone, Copy)]
 pub(crate) struct SumScan {
     sum: f64,
     max_abs_bits: u32,
-    min_low_bit: u32,
+    /// Smallest `|x|` bit pattern minus one, wrapping (so a zero counts as `u32::MAX`).
+    min_abs_bits_m1: u32,
+    fraction_or: u32,
+}
+
+impl SumScan {
+    fn merge(self, o: SumScan) -> SumScan {
+        SumScan {
+            sum: self.sum + o.sum,
+            max_abs_bits: self.max_abs_bits.max(o.max_abs_bits),
+            min_abs_bits_m1: self.min_abs_bits_m1.min(o.min_abs_bits_m1),
+            fraction_or: self.fraction_or | o.fraction_or,
+        }
+    }
+
+    /// A lower bound of the position (`biased exponent + trailing zeros of the significand`) of
+    /// the lowest set bit of every non-zero value: the smallest exponent plus the fewest trailing
+    /// zeros of any fraction (23 when every fraction is zero: powers of two).
+    fn low_bit_bound(&self) -> u32 {
+        let e_min = (self.min_abs_bits_m1.wrapping_add(1) >> 23).max(1);
+        e_min + (self.fraction_or & 0x007f_ffff).trailing_zeros().min(23)
+    }
 }
 
 const SUM_LANES: usize = 8;
@@ -436,68 +457,57 @@ fn sum_scan(x: &[f32]) -> SumScan {
 /// [`sum_scan`] in portable code; inlined into the AVX2 build.
 #[inline(always)]
 pub(crate) fn sum_scan_portable(x: &[f32]) -> SumScan {
-    /// One value's part: its f64, `|x|` bits, and its lowest set bit position (`u32::MAX` for
-    /// zero). Branch-free integer and conversion operations, so the lane loop vectorizes.
-    #[inline(always)]
-    fn parts(v: f32) -> (f64, u32, u32) {
-        let a = v.to_bits() & 0x7fff_ffff;
-        let e = a >> 23;
-        let significand = (a & 0x007f_ffff) | (u32::from(e > 0) << 23);
-        // The lowest set bit of the significand as an exact f32 power of two (≤ 2^23, so the
-        // signed conversion is exact); its exponent field is 127 + trailing zeros.
-        let lsb = (significand & significand.wrapping_neg()) as i32 as f32;
-        let pos = e.max(1) + (lsb.to_bits() >> 23).wrapping_sub(127);
-        (v as f64, a, if a == 0 { u32::MAX } else { pos })
-    }
     let mut acc = [0.0f64; SUM_LANES];
     let mut max_bits = [0u32; SUM_LANES];
-    let mut low = [u32::MAX; SUM_LANES];
+    let mut min_m1 = [u32::MAX; SUM_LANES];
+    let mut or = [0u32; SUM_LANES];
     let mut lanes = x.chunks_exact(SUM_LANES);
     for c in &mut lanes {
         let c: &[f32; SUM_LANES] = c.try_into().expect("chunks_exact");
         for j in 0..SUM_LANES {
-            let (f, a, l) = parts(c[j]);
-            acc[j] += f;
+            let a = c[j].to_bits() & 0x7fff_ffff;
+            acc[j] += c[j] as f64;
             max_bits[j] = max_bits[j].max(a);
-            low[j] = low[j].min(l);
+            min_m1[j] = min_m1[j].min(a.wrapping_sub(1));
+            or[j] |= a;
         }
     }
     for (j, &v) in lanes.remainder().iter().enumerate() {
-        let (f, a, l) = parts(v);
-        acc[j] += f;
+        let a = v.to_bits() & 0x7fff_ffff;
+        acc[j] += v as f64;
         max_bits[j] = max_bits[j].max(a);
-        low[j] = low[j].min(l);
+        min_m1[j] = min_m1[j].min(a.wrapping_sub(1));
+        or[j] |= a;
     }
     SumScan {
         sum: acc.iter().sum(),
         max_abs_bits: max_bits.into_iter().max().unwrap_or(0),
-        min_low_bit: low.into_iter().min().unwrap_or(u32::MAX),
+        min_abs_bits_m1: min_m1.into_iter().min().unwrap_or(u32::MAX),
+        fraction_or: or.into_iter().fold(0, |a, b| a | b),
     }
 }
 
 /// `x.iter().map(|&v| v as f64)` summed left to right, exactly that value (see [`absmax_mean`]).
 fn sum_f64(x: &[f32]) -> f64 {
-    const CHUNK: usize = 1 << 16;
+    // One core scans about 10 G values/s (AVX2); split only inputs worth the pool's overhead.
+    const CHUNK: usize = 1 << 20;
     let scan = if x.len() >= 2 * CHUNK {
         x.par_chunks(CHUNK)
             .map(sum_scan)
-            .reduce_with(|a, b| SumScan {
-                sum: a.sum + b.sum,
-                max_abs_bits: a.max_abs_bits.max(b.max_abs_bits),
-                min_low_bit: a.min_low_bit.min(b.min_low_bit),
-            })
+            .reduce_with(SumScan::merge)
             .expect("non-empty")
     } else {
         sum_scan(x)
     };
-    // Every value is a multiple of 2^(min_low_bit - 150) and below 2^(e_max - 126); every partial
-    // sum (of any subset) is below n · 2^(e_max - 126) ≤ 2^(53 + min_low_bit - 150) when the test
-    // holds, hence exact in f64, and the sum does not depend on the order.
+    // Every value is a multiple of 2^(low - 150) (`low` = the lowest set bit's position bound) and
+    // below 2^(e_max - 126); every partial sum (of any subset) is below n · 2^(e_max - 126) ≤
+    // 2^(53 + low - 150) when the test holds, hence exact in f64, and the sum does not depend on
+    // the order.
     let e_max = scan.max_abs_bits >> 23;
     let log_n = x.len().next_power_of_two().trailing_zeros();
     // All-zero input goes the sequential way too (its sum's sign is that of the accumulation).
     let finite_nonzero = scan.max_abs_bits != 0 && scan.max_abs_bits < 0x7f80_0000;
-    if finite_nonzero && log_n + e_max <= scan.min_low_bit + 29 {
+    if finite_nonzero && log_n + e_max <= scan.low_bit_bound() + 29 {
         scan.sum
     } else {
         x.iter().map(|&a| a as f64).sum()
@@ -768,23 +778,37 @@ mod tests {
             s ^= s << 5;
             s
         };
-        for n in [0usize, 1, 7, 8, 9, 1000, (1 << 17) + 3, 1 << 20] {
+        for n in [
+            0usize,
+            1,
+            7,
+            8,
+            9,
+            1000,
+            (1 << 17) + 3,
+            1 << 20,
+            (1 << 21) + 5,
+        ] {
             // bf16-exact absmax values (8 significant bits): the parallel exact path.
             let bf: Vec<f32> = (0..n)
                 .map(|_| f32::from_bits(0x3c00_0000 + ((next() % 0x0200_0000) & 0xffff_0000)))
                 .collect();
-            let (lo, hi) = (bf.len().next_power_of_two().trailing_zeros(), 0);
+            let lo = bf.len().next_power_of_two().trailing_zeros();
             let scan = sum_scan(&bf);
             let portable = sum_scan_portable(&bf);
             assert_eq!(scan.sum.to_bits(), portable.sum.to_bits());
             assert_eq!(
-                (scan.max_abs_bits, scan.min_low_bit),
-                (portable.max_abs_bits, portable.min_low_bit)
+                (scan.max_abs_bits, scan.min_abs_bits_m1, scan.fraction_or),
+                (
+                    portable.max_abs_bits,
+                    portable.min_abs_bits_m1,
+                    portable.fraction_or
+                )
             );
             if n > 0 {
                 // The exactness test holds, so the fast path is the one checked here.
                 assert!(
-                    lo + (scan.max_abs_bits >> 23) <= scan.min_low_bit + 29 + hi,
+                    lo + (scan.max_abs_bits >> 23) <= scan.low_bit_bound() + 29,
                     "n = {n}"
                 );
             }
@@ -803,6 +827,33 @@ mod tests {
             let mut mixed: Vec<f32> = bf.iter().map(|&v| -v).chain(bf.iter().copied()).collect();
             mixed.extend([0.0, -0.0, f32::from_bits(1), -f32::from_bits(3)]);
             check_sum(&mixed);
+        }
+        // Full-precision values whose exponents span `spread` octaves: around the exactness
+        // bound (spread 19 at n = 1000), on both sides of it.
+        for spread in 10..=40u32 {
+            for n in [1000usize, 5000] {
+                let x: Vec<f32> = (0..n)
+                    .map(|_| {
+                        let e = 100 + next() % (spread + 1);
+                        f32::from_bits(e << 23 | (next() & 0x007f_ffff))
+                    })
+                    .collect();
+                check_sum(&x);
+            }
+            // Top-heavy: 7 in 8 values just below 2^(e_top - 126), the rest `spread` octaves
+            // lower with the lowest fraction bit set, so the sum needs exactly `54 - 29 + spread`
+            // bits: on the exact path up to spread 19, one bit short of exact at 20.
+            let e_top = 120u32;
+            let x: Vec<f32> = (0..1024)
+                .map(|i| {
+                    if i % 8 != 3 {
+                        f32::from_bits(e_top << 23 | 0x0070_0000 | (next() & 0x000f_ffff))
+                    } else {
+                        f32::from_bits((e_top - spread) << 23 | (next() & 0x007f_ffff) | 1)
+                    }
+                })
+                .collect();
+            check_sum(&x);
         }
         for special in [
             vec![-0.0f32],

@@ -187,7 +187,51 @@ unsafe fn encode<const NORM: u8>(t: &Table, x: &[f32], p: f32, out: &mut [u8]) {
 /// AVX2 is available.
 #[target_feature(enable = "avx2")]
 unsafe fn sum_scan(x: &[f32]) -> crate::SumScan {
-    crate::sum_scan_portable(x)
+    let abs = _mm256_set1_epi32(i32::MAX);
+    let one = _mm256_set1_epi32(1);
+    let mut acc = [_mm256_setzero_pd(); 4];
+    let mut max = _mm256_setzero_si256();
+    let mut min_m1 = _mm256_set1_epi32(-1);
+    let mut or = _mm256_setzero_si256();
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        // SAFETY: `c` holds 16 f32.
+        let (v0, v1) = unsafe {
+            (
+                _mm256_loadu_ps(c.as_ptr()),
+                _mm256_loadu_ps(c.as_ptr().add(8)),
+            )
+        };
+        for (k, v) in [v0, v1].into_iter().enumerate() {
+            let a = _mm256_and_si256(_mm256_castps_si256(v), abs);
+            acc[2 * k] = _mm256_add_pd(acc[2 * k], _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+            acc[2 * k + 1] = _mm256_add_pd(
+                acc[2 * k + 1],
+                _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)),
+            );
+            max = _mm256_max_epu32(max, a);
+            min_m1 = _mm256_min_epu32(min_m1, _mm256_sub_epi32(a, one));
+            or = _mm256_or_si256(or, a);
+        }
+    }
+    let mut sums = [0.0f64; 16];
+    let (mut maxs, mut mins, mut ors) = ([0u32; 8], [0u32; 8], [0u32; 8]);
+    // SAFETY: each array holds the 32 bytes (or 4 × 32 bytes) stored into it.
+    unsafe {
+        for (k, a) in acc.iter().enumerate() {
+            _mm256_storeu_pd(sums.as_mut_ptr().add(4 * k), *a);
+        }
+        _mm256_storeu_si256(maxs.as_mut_ptr().cast(), max);
+        _mm256_storeu_si256(mins.as_mut_ptr().cast(), min_m1);
+        _mm256_storeu_si256(ors.as_mut_ptr().cast(), or);
+    }
+    let tail = crate::sum_scan_portable(chunks.remainder());
+    crate::SumScan {
+        sum: sums.iter().sum::<f64>() + tail.sum,
+        max_abs_bits: maxs.into_iter().fold(tail.max_abs_bits, u32::max),
+        min_abs_bits_m1: mins.into_iter().fold(tail.min_abs_bits_m1, u32::min),
+        fraction_or: ors.into_iter().fold(tail.fraction_or, |a, b| a | b),
+    }
 }
 
 /// The plain loop: on the cores measured (AMD Zen 4) `vgatherdps` of 8 map values is slower than
