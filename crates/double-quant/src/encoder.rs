@@ -12,7 +12,7 @@
 //! count of its smallest key in the top byte and the offset inside the bucket from which the count
 //! is one higher in the low 24 bits. A code is then one table load, one compare and one add; values
 //! outside `[-1, 1]` (and NaN) clamp to 0 / 255 as the search does. The slice methods run the same
-//! computation 16 (AVX-512: `vpgatherdd`), 8 (AVX2) or 4 (NEON) lanes at a time; see
+//! computation 16 (AVX-512), 8 (AVX2: `vpgatherdd`) or 4 (NEON) lanes at a time; see
 //! [`Implementation`]. Tests compare every implementation with `DynamicMap::encode` on every
 //! midpoint, code and neighbour, the special values and a dense sweep of bit patterns.
 

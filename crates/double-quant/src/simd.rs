@@ -43,9 +43,9 @@ pub(crate) enum Normalize {
 pub enum Implementation {
     /// Safe scalar code: one table lookup per element.
     Scalar,
-    /// x86-64 AVX2: 8 lanes, `vpgatherdd` / `vgatherdps`.
+    /// x86-64 AVX2: 8 lanes, `vpgatherdd` (decode is the scalar loop).
     Avx2,
-    /// x86-64 AVX-512 F + BW + VL: 16 lanes, `vpgatherdd` / `vgatherdps`, masked tails.
+    /// x86-64 AVX-512 F + BW + VL: 16 lanes, masked tails; decode by `vpermt2ps`.
     Avx512,
     /// aarch64 NEON: 4 lanes of key arithmetic and compares, scalar table loads.
     Neon,
