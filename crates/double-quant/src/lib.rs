@@ -59,19 +59,21 @@
 //! [`DynamicMap::decode_scaled`] run the best SIMD [`Implementation`] of the CPU — AVX-512
 //! (F + BW + VL), AVX2, NEON, else scalar — picked once at first use; `QLORA_FORCE_SCALAR=1` in
 //! the environment forces the scalar code. Every implementation is tested code for code against
-//! the oracle. Throughput of 64 Ki values in cache on a shared 2-core AMD Zen 4 (criterion,
-//! `cargo bench -p qlora-benches --bench dynamic_map`; load average about 4, so treat these as
-//! ratios):
+//! the oracle. Throughput per call on 64 Ki values in cache unless noted, one core of a shared
+//! 2-core AMD Zen 4 (criterion, `cargo bench -p qlora-benches --bench dynamic_map`; load average
+//! 3–4 from other work, so treat these as ratios):
 //!
 //! | operation | elements/s |
 //! |---|---|
-//! | `DynamicMap::encode` (binary search, data-dependent branches) | 13 M |
-//! | `encode_scaled`, scalar table | 0.45 G |
-//! | `encode_scaled`, AVX2 (`vpgatherdd`) | 1.7 G |
-//! | `encode_scaled`, AVX-512 (scalar bucket loads) | 2.1 G |
-//! | `decode_scaled`, scalar (also the AVX2 path) | 2.4 G |
-//! | `decode_scaled`, AVX-512 (`vpermt2ps`) | 4.3 G |
-//! | [`DoubleQuantAbsmax::compress`], 1 Mi absmax values, 2 threads | 0.5 G |
+//! | `DynamicMap::encode` (binary search, data-dependent branches) | 19 M |
+//! | `encode_scaled`, scalar table | 0.54 G |
+//! | `encode_scaled`, AVX2 (`vpgatherdd`) | 1.9 G |
+//! | `encode_scaled`, AVX-512 (scalar bucket loads) | 2.2 G |
+//! | `encode_divided`, AVX-512 (`vdivps`) | 1.9 G |
+//! | `decode_scaled`, scalar (also the AVX2 path) | 3.2 G |
+//! | `decode_scaled`, AVX-512 (`vpermt2ps`) | 4.4 G |
+//! | [`absmax_mean`], 1 Mi values (AVX2 scan, exact path) | 12 G |
+//! | [`DoubleQuantAbsmax::compress`], 1 Mi absmax values, 2 threads | 1.1 G |
 //!
 //! [`absmax_mean`] sums on the rayon pool when the f64 sum is provably independent of the order
 //! (in practice for the absmax of bf16/f16 weights), else left to right; both give the same bits.
