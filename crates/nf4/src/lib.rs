@@ -84,6 +84,7 @@
 mod arch;
 pub mod codebook;
 mod double_quant;
+pub mod gemv;
 pub mod int4;
 mod kernel;
 pub mod scalar;
