@@ -326,14 +326,19 @@ impl BaseWeight {
         }
     }
 
-    /// Fused matrix-vector products for a few tokens over an `[out, in]` layout.
+    /// Fused matrix-vector products for a few tokens over an `[out, in]` layout: `y += X·Wᵀ`.
+    ///
+    /// A 4-bit weight goes through the codec's fused kernel ([`QuantizedTensor::gemv`]): codes
+    /// are looked up in a per-block table of dequantized values and multiplied into `x` straight
+    /// from the packed nibbles, each output summed in [`qlora_codec::gemv`]'s fixed order (so the
+    /// result is bit for bit `gemv::dot` of the dequantized row with `x`, on every CPU).
     fn gemv(&self, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
         let (out_f, in_f) = (self.out_features(), self.in_features());
-        // yt[j, t] = W_j · x_t, one output row per task.
-        let mut yt = vec![0.0f32; out_f * n];
-        const ROWS: usize = 16;
         match self {
             BaseWeight::Dense { data, .. } => {
+                // yt[j, t] = W_j · x_t, ROWS output rows per task.
+                let mut yt = vec![0.0f32; out_f * n];
+                const ROWS: usize = 16;
                 yt.par_chunks_mut(ROWS * n).enumerate().for_each(|(c, yc)| {
                     let j0 = c * ROWS;
                     for (jj, yrow) in yc.chunks_mut(n).enumerate() {
@@ -349,56 +354,20 @@ impl BaseWeight {
                         }
                     }
                 });
-            }
-            BaseWeight::Quantized(q) => {
-                // Decode GEMV_ROWS rows at a time with the codec's SIMD kernel into a small
-                // scratch in the weight's dtype (GEMV_ROWS·in values, cache-resident) and dot
-                // them with x: the weight is never written out whole.
-                let task = GEMV_ROWS * n;
-                match q.dtype() {
-                    Dtype::BF16 => gemv_rows::<bf16>(q, x, n, in_f, &mut yt, task, dot_bf16)?,
-                    Dtype::F16 => gemv_rows::<f16>(q, x, n, in_f, &mut yt, task, dot_f16)?,
-                    Dtype::F32 => gemv_rows::<f32>(q, x, n, in_f, &mut yt, task, dot_f32)?,
+                for t in 0..n {
+                    for j in 0..out_f {
+                        y[t * out_f + j] += yt[j * n + t];
+                    }
                 }
             }
-        }
-        for t in 0..n {
-            for j in 0..out_f {
-                y[t * out_f + j] += yt[j * n + t];
+            BaseWeight::Quantized(q) => {
+                let mut yq = vec![0.0f32; n * out_f];
+                q.gemv(x, n, &mut yq)?;
+                y.iter_mut().zip(&yq).for_each(|(a, b)| *a += b);
             }
         }
         Ok(())
     }
-}
-
-/// Rows per task of the 4-bit matrix-vector product (the scratch holds this many rows).
-const GEMV_ROWS: usize = 4;
-
-/// `yt[j, t] = W_j · x_t` for a 4-bit weight, `GEMV_ROWS` rows per task.
-fn gemv_rows<T: Element + Default>(
-    q: &QuantizedTensor,
-    x: &[f32],
-    n: usize,
-    in_f: usize,
-    yt: &mut [f32],
-    task: usize,
-    dot: fn(&[T], &[f32]) -> f32,
-) -> Result<()> {
-    yt.par_chunks_mut(task).enumerate().try_for_each_init(
-        Vec::new,
-        |buf: &mut Vec<T>, (c, yc)| -> Result<()> {
-            let rows = yc.len() / n;
-            buf.resize(rows * in_f, T::default());
-            q.dequantize_range_into::<T>(c * GEMV_ROWS * in_f, buf)?;
-            for (row, yrow) in buf.chunks_exact(in_f).zip(yc.chunks_mut(n)) {
-                for (t, yv) in yrow.iter_mut().enumerate() {
-                    *yv = dot(row, &x[t * in_f..(t + 1) * in_f]);
-                }
-            }
-            Ok(())
-        },
-    )?;
-    Ok(())
 }
 
 /// Round f32 values to what `dtype` can hold (identity for f32).
@@ -465,6 +434,83 @@ fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qlora_codec::{gemv, QuantType, QuantizeOptions};
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The fused 4-bit path of `x_wt` (n ≤ GEMV_MAX_TOKENS) equals dequantize-then-dot in the
+    /// codec's documented summation order, bit for bit: odd and tail shapes, block sizes, NF4 and
+    /// FP4, f32/bf16/f16 weights, double quant on and off, and `accumulate` adding to `y`.
+    #[test]
+    fn fused_4bit_gemv_equals_dequantize_then_dot() {
+        let mut seed = 1;
+        for (out_f, in_f) in [(7usize, 64usize), (5, 100), (9, 33), (3, 4096), (300, 256)] {
+            for bs in [32usize, 64, 256] {
+                for qt in [QuantType::Nf4, QuantType::Fp4] {
+                    for double_quant in [false, true] {
+                        seed += 1;
+                        let w: Vec<f32> =
+                            values(out_f * in_f, seed).iter().map(|v| v * 0.1).collect();
+                        let options = QuantizeOptions {
+                            quant_type: qt,
+                            blocksize: bs,
+                            double_quant,
+                        };
+                        let shape = [out_f, in_f];
+                        let q = match seed % 3 {
+                            0 => QuantizedTensor::quantize(&w, &shape, options),
+                            1 => {
+                                let v: Vec<bf16> = w.iter().map(|&x| bf16::from_f32(x)).collect();
+                                QuantizedTensor::quantize(&v, &shape, options)
+                            }
+                            _ => {
+                                let v: Vec<f16> = w.iter().map(|&x| f16::from_f32(x)).collect();
+                                QuantizedTensor::quantize(&v, &shape, options)
+                            }
+                        }
+                        .unwrap();
+                        let base = BaseWeight::quantized(q).unwrap();
+                        // Dequantized in the weight's dtype (bitsandbytes' dequantize_4bit).
+                        let deq = base.to_f32().unwrap();
+                        for n in 1..=GEMV_MAX_TOKENS {
+                            let x = values(n * in_f, seed + 100);
+                            let mut y = vec![f32::NAN; n * out_f];
+                            base.x_wt(&x, n, &mut y, false).unwrap();
+                            let prior = values(n * out_f, seed + 200);
+                            let mut acc = prior.clone();
+                            base.x_wt(&x, n, &mut acc, true).unwrap();
+                            for t in 0..n {
+                                for j in 0..out_f {
+                                    let want = gemv::dot(
+                                        &deq[j * in_f..(j + 1) * in_f],
+                                        &x[t * in_f..(t + 1) * in_f],
+                                    )
+                                    .unwrap();
+                                    let i = t * out_f + j;
+                                    assert_eq!(
+                                        y[i].to_bits(),
+                                        (0.0 + want).to_bits(),
+                                        "{out_f}x{in_f} bs {bs} {qt:?} dq {double_quant} n {n} [{t},{j}]"
+                                    );
+                                    assert_eq!(acc[i].to_bits(), (prior[i] + want).to_bits());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn fast_bf16_rounding_equals_half() {

@@ -277,8 +277,8 @@ impl Implementation {
         y: &mut [f32],
     ) -> Result<(), Error> {
         let (rows, cols) = matrix_dims(q.shape());
-        check_len("x", n.checked_mul(cols).unwrap_or(usize::MAX), x.len())?;
-        check_len("y", n.checked_mul(rows).unwrap_or(usize::MAX), y.len())?;
+        check_len("x", n.saturating_mul(cols), x.len())?;
+        check_len("y", n.saturating_mul(rows), y.len())?;
         if n == 0 || rows == 0 {
             return Ok(());
         }

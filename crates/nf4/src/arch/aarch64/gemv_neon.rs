@@ -39,9 +39,9 @@ impl Kernel {
         yt: &mut [f32],
     ) {
         let nrows = yt.len() / n.max(1);
-        assert!(m.cols % 2 == 0, "odd rows do not start on a byte");
+        assert!(m.cols.is_multiple_of(2), "odd rows do not start on a byte");
         assert!(
-            m.blocksize >= 32 && m.blocksize.is_multiple_of(32),
+            m.blocksize >= 32 && m.blocksize.is_power_of_two(),
             "block size {}",
             m.blocksize
         );
@@ -52,6 +52,11 @@ impl Kernel {
         assert!(
             stride >= m.cols.div_ceil(32) * 32 && xs.len() >= n * stride,
             "x length"
+        );
+        assert_eq!(
+            m.absmax.len(),
+            (m.rows * m.cols).div_ceil(m.blocksize),
+            "absmax length"
         );
         let mut t0 = 0;
         while t0 < n {
@@ -76,7 +81,7 @@ impl Kernel {
 ///
 /// # Safety
 /// NEON must be available; `m.cols` is even; rows `r0..r0 + yt.len()/n` lie inside `m.packed`;
-/// `m.blocksize` is a multiple of 32; `xs` holds `n` tokens of `stride ≥ 32·⌈cols/32⌉` values
+/// `m.blocksize` is a power of two ≥ 32; `xs` holds `n` tokens of `stride ≥ 32·⌈cols/32⌉` values
 /// and `t0 + N ≤ n`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "neon")]
@@ -92,6 +97,8 @@ unsafe fn rows_n<const N: usize>(
     let cols = m.cols;
     let bs = m.blocksize;
     let full = cols / 32;
+    // Block sizes are powers of two (`check_blocksize`).
+    let shift = bs.trailing_zeros();
     let low_nibble = vdupq_n_u8(0x0f);
     for (j, yrow) in (r0..).zip(yt.chunks_exact_mut(n)) {
         let g0 = j * cols;
@@ -99,15 +106,17 @@ unsafe fn rows_n<const N: usize>(
         let p = unsafe { m.packed.as_ptr().add(g0 / 2) };
         // Per token: even 0–15 in 4 registers, then odd 0–15 in 4.
         let mut acc = [[vdupq_n_f32(0.0); 8]; N];
-        // The first chunk loads its block's table (a row without full chunks needs none).
-        let mut block = 0;
-        let mut boundary = g0;
+        // Chunks advance by 32 ≤ bs elements, so each crosses at most one block boundary; the
+        // first chunk moves `block` onto its own block and loads that table (a row without full
+        // chunks reads no absmax).
+        let mut block = (g0 >> shift).wrapping_sub(1);
+        let mut boundary = (g0 >> shift) << shift;
         let mut t = [0.0f32; 16];
         for c in 0..full {
             let g = g0 + 32 * c;
             if g >= boundary {
-                block = g / bs;
-                boundary = (block + 1) * bs;
+                block = block.wrapping_add(1);
+                boundary += bs;
                 t = m.scaled_table(block);
             }
             // SAFETY: chunk `c` (elements g .. g+32, bytes g/2 .. g/2+16) lies inside the row.

@@ -48,9 +48,9 @@ impl Kernel {
         yt: &mut [f32],
     ) {
         let nrows = yt.len() / n.max(1);
-        assert!(m.cols % 2 == 0, "odd rows do not start on a byte");
+        assert!(m.cols.is_multiple_of(2), "odd rows do not start on a byte");
         assert!(
-            m.blocksize >= 32 && m.blocksize.is_multiple_of(32),
+            m.blocksize >= 32 && m.blocksize.is_power_of_two(),
             "block size {}",
             m.blocksize
         );
@@ -159,7 +159,7 @@ fn lookup2(idx: __m256i, t: Table, next: Table, lanes: __m256i, d_minus_1: __m25
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `m.cols` is even; rows `r0..r0 + yt.len()/n` lie inside
-/// `m.packed`; `m.blocksize` is a multiple of 32; `xs` holds `n` tokens of `stride ≥ 32·⌈cols/32⌉`
+/// `m.packed`; `m.blocksize` is a power of two ≥ 32; `xs` holds `n` tokens of `stride ≥ 32·⌈cols/32⌉`
 /// values and `t0 + N ≤ n`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -183,6 +183,8 @@ unsafe fn rows_n<const N: usize, const DT: u8>(
     let cols = m.cols;
     let bs = m.blocksize;
     let full = cols / 32;
+    // Block sizes are powers of two (`check_blocksize`).
+    let shift = bs.trailing_zeros();
     // Residues (element offsets in the chunk) of the four 8-lane groups: even 0–14, odd 1–15,
     // even 16–30, odd 17–31.
     let lanes_e0 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
@@ -195,9 +197,11 @@ unsafe fn rows_n<const N: usize, const DT: u8>(
         let p = unsafe { m.packed.as_ptr().add(g0 / 2) };
         // Per token: even 0–7, odd 0–7, even 8–15, odd 8–15 (accumulator lanes 2l / 2l+1).
         let mut acc = [[_mm256_setzero_ps(); 4]; N];
-        // The first chunk loads its block's table (a row without full chunks needs none).
-        let mut block = 0;
-        let mut boundary = g0;
+        // Chunks advance by 32 ≤ bs elements, so each crosses at most one block boundary; the
+        // first chunk moves `block` onto its own block and loads that table (a row without full
+        // chunks reads no absmax).
+        let mut block = (g0 >> shift).wrapping_sub(1);
+        let mut boundary = (g0 >> shift) << shift;
         let mut t = Table {
             lo: _mm256_setzero_ps(),
             hi: _mm256_setzero_ps(),
@@ -205,8 +209,8 @@ unsafe fn rows_n<const N: usize, const DT: u8>(
         for c in 0..full {
             let g = g0 + 32 * c;
             if g >= boundary {
-                block = g / bs;
-                boundary = (block + 1) * bs;
+                block = block.wrapping_add(1);
+                boundary += bs;
                 t = scaled_table::<DT>(tab_lo, tab_hi, m.absmax.get(block));
             }
             // SAFETY: chunk `c` (elements g .. g+32, bytes g/2 .. g/2+16) lies inside the row.

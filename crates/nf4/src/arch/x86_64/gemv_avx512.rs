@@ -47,9 +47,9 @@ impl Kernel {
         yt: &mut [f32],
     ) {
         let nrows = yt.len() / n.max(1);
-        assert!(m.cols % 2 == 0, "odd rows do not start on a byte");
+        assert!(m.cols.is_multiple_of(2), "odd rows do not start on a byte");
         assert!(
-            m.blocksize >= 32 && m.blocksize.is_multiple_of(32),
+            m.blocksize >= 32 && m.blocksize.is_power_of_two(),
             "block size {}",
             m.blocksize
         );
@@ -127,7 +127,7 @@ fn scaled_table<const DT: u8>(table: __m512, a: f32) -> __m512 {
 ///
 /// # Safety
 /// AVX-512 F and BW must be available; `m.cols` is even; rows `r0..r0 + yt.len()/n` lie inside
-/// `m.packed`; `m.blocksize` is a multiple of 32; `xs` holds `n` tokens of `stride ≥ 32·⌈cols/32⌉`
+/// `m.packed`; `m.blocksize` is a power of two ≥ 32; `xs` holds `n` tokens of `stride ≥ 32·⌈cols/32⌉`
 /// values and `t0 + N ≤ n`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw")]
@@ -146,6 +146,8 @@ unsafe fn rows_n<const N: usize, const DT: u8>(
     let cols = m.cols;
     let bs = m.blocksize;
     let full = cols / 32;
+    // Block sizes are powers of two (`check_blocksize`).
+    let shift = bs.trailing_zeros();
     let lanes_even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let lanes_odd = _mm512_add_epi32(lanes_even, _mm512_set1_epi32(1));
     for (j, yrow) in (r0..).zip(yt.chunks_exact_mut(n)) {
@@ -154,15 +156,17 @@ unsafe fn rows_n<const N: usize, const DT: u8>(
         let p = unsafe { m.packed.as_ptr().add(g0 / 2) };
         let mut ae = [_mm512_setzero_ps(); N];
         let mut ao = [_mm512_setzero_ps(); N];
-        // The first chunk loads its block's table (a row without full chunks needs none).
-        let mut block = 0;
-        let mut boundary = g0;
+        // Chunks advance by 32 ≤ bs elements, so each crosses at most one block boundary; the
+        // first chunk moves `block` onto its own block and loads that table (a row without full
+        // chunks reads no absmax).
+        let mut block = (g0 >> shift).wrapping_sub(1);
+        let mut boundary = (g0 >> shift) << shift;
         let mut t = _mm512_setzero_ps();
         for c in 0..full {
             let g = g0 + 32 * c;
             if g >= boundary {
-                block = g / bs;
-                boundary = (block + 1) * bs;
+                block = block.wrapping_add(1);
+                boundary += bs;
                 t = scaled_table::<DT>(tab, m.absmax.get(block));
             }
             // SAFETY: chunk `c` (elements g .. g+32, bytes g/2 .. g/2+16) lies inside the row.
