@@ -11,7 +11,8 @@ use rayon::prelude::*;
 /// backward holds.
 pub const TILE_ELEMS: usize = 1 << 19;
 
-/// Token counts up to this use the fused matrix-vector path (no tile buffer at all).
+/// Token counts up to this use the fused matrix-vector path (no tile buffer at all; for a 4-bit
+/// weight the codec's [`QuantizedTensor::gemv`], four tokens per pass over the codes on AVX-512).
 pub const GEMV_MAX_TOKENS: usize = 4;
 
 /// Dense weight storage.
@@ -210,13 +211,15 @@ impl BaseWeight {
                 Ok(())
             }
             BaseWeight::Quantized(q) => {
+                // Each task rounds its own chunk while it is still in cache.
                 let chunk = (1usize << 14).div_ceil(cols).max(1) * cols;
                 out.par_chunks_mut(chunk)
                     .enumerate()
                     .try_for_each(|(i, o)| {
-                        q.dequantize_range_into::<f32>(r0 * cols + i * chunk, o)
+                        q.dequantize_range_into::<f32>(r0 * cols + i * chunk, o)?;
+                        round_to_dtype(o, q.dtype());
+                        Ok::<(), qlora_codec::Error>(())
                     })?;
-                round_to_dtype(out, q.dtype());
                 Ok(())
             }
         }

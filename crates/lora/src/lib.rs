@@ -70,9 +70,11 @@
 //!
 //! A 4-bit weight is dequantized one tile of at most [`base::TILE_ELEMS`] f32 values (2 MiB) at a
 //! time inside each matrix product and never materialized whole; for at most
-//! [`base::GEMV_MAX_TOKENS`] tokens the product is a matrix-vector product that decodes four rows
-//! at a time (with the codec's SIMD kernel, into a per-thread scratch of 4·in values in the
-//! weight's dtype) and dots them with the input. Besides inputs and outputs:
+//! [`base::GEMV_MAX_TOKENS`] tokens (decoding) the product is the codec's fused matrix–vector
+//! kernel ([`QuantizedTensor::gemv`]), which multiplies the input straight from the packed codes
+//! through a per-block table of dequantized values — no weight scratch at all, and the result is
+//! bit for bit `qlora_codec::gemv::dot` of each dequantized row with the input. Besides inputs and
+//! outputs:
 //!
 //! | | holds (f32 values) | 4096×4096, r 16, 512 tokens |
 //! |---|---|---|

@@ -10,8 +10,16 @@ pub(crate) fn strided(s: &[f32], rows: usize, cols: usize, stride: usize) -> Mat
     MatRef::from_row_major_slice_with_stride(s, rows, cols, stride)
 }
 
-fn par() -> Par {
-    Par::rayon(0)
+/// Products of fewer multiply-adds than this run on the calling thread: for a few tokens (the
+/// LoRA factors at decode time) splitting over the pool costs more than the product.
+const PARALLEL_MACS: usize = 1 << 20;
+
+fn par(macs: usize) -> Par {
+    if macs < PARALLEL_MACS {
+        Par::Seq
+    } else {
+        Par::rayon(0)
+    }
 }
 
 /// `dst[m, n] += alpha · lhs · rhs` with `dst` row-major (`dims = (m, n, stride)`).
@@ -29,7 +37,8 @@ pub(crate) fn gemm(
     // faer 0.24.4's `from_row_major_slice_with_stride_mut` builds a column-major view (its
     // strides are swapped), so build the transpose of a column-major view instead.
     let d = MatMut::from_column_major_slice_with_stride_mut(dst, n, m, stride).transpose_mut();
-    faer::linalg::matmul::matmul(d, Accum::Add, lhs, rhs, alpha, par());
+    let macs = m.saturating_mul(n).saturating_mul(lhs.ncols());
+    faer::linalg::matmul::matmul(d, Accum::Add, lhs, rhs, alpha, par(macs));
 }
 
 /// `dst[:, c0..c1] += alpha · lhs · rhs` for a row-major `dst` of `m` rows and `ld` columns.

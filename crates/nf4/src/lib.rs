@@ -70,6 +70,12 @@
 //! [`PARALLEL_THRESHOLD`] elements are split over the rayon pool in ranges of whole blocks.
 //! `qlora bench` prints the throughput on the machine at hand.
 //!
+//! [`QuantizedTensor::gemv`] multiplies a 4-bit matrix by a few token vectors straight from the
+//! packed codes (module [`gemv`]: a per-block table of dequantized values looked up with
+//! `vpermps` and fused into FMAs), in one documented summation order that every implementation
+//! follows, so its results are the same bits everywhere and equal [`gemv::dot`] of the
+//! dequantized rows.
+//!
 //! # Features
 //!
 //! | feature | what it adds |
