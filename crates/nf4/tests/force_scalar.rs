@@ -19,4 +19,20 @@ fn force_scalar_selects_the_oracle() {
     let mut out = vec![0f32; 1000];
     dequantize_into(QuantType::Nf4, &p, AbsmaxView::F32(&a), 64, &mut out).unwrap();
     assert!(Implementation::best().is_available());
+    // The fused matrix-vector product runs the oracle too, which equals dequantize-then-dot.
+    let q = qlora_codec::QuantizedTensor::quantize(
+        &x[..960],
+        &[10, 96],
+        qlora_codec::QuantizeOptions::qlora(),
+    )
+    .unwrap();
+    let mut y = vec![0f32; 20];
+    q.gemv(&x[..192], 2, &mut y).unwrap();
+    let w: Vec<f32> = q.dequantize().unwrap();
+    for t in 0..2 {
+        for j in 0..10 {
+            let want = qlora_codec::gemv::dot(&w[j * 96..][..96], &x[t * 96..][..96]).unwrap();
+            assert_eq!(y[t * 10 + j].to_bits(), want.to_bits());
+        }
+    }
 }
