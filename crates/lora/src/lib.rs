@@ -103,17 +103,34 @@
 //!
 //! # Speed (`cargo bench -p qlora-lora --bench lora`)
 //!
-//! Median times on this project's 2-core AVX-512 development machine, which was shared with other
-//! builds while measuring (load 5–10), so ratios between runs vary by ±30 %:
+//! Criterion medians on this project's 2-core AVX-512 (Zen 4-class, 2.6 GHz) development machine,
+//! one run, shared with other builds while measuring (load average 2.5–4.3): a configuration's
+//! absolute time scattered up to 3× between runs (the 11008×4096 r 64 NF4 forward at 512 tokens
+//! below fell in a burst: 0.86–1.77 s within the run), so read the paired ratios after the table.
 //!
-//! | shape, r | 1 token fwd: NF4 / bf16 | 512 tokens fwd: NF4 / bf16 | 512 tokens bwd: NF4 / bf16 |
-//! |---|---|---|---|
-//! | 4096×4096, 16 | 8.2 / 4.3 ms | 0.96 / 0.72 s | 0.53 / 0.59 s |
-//! | 4096×4096, 64 | 6.2 / 4.3 ms | 1.27 / 1.13 s | 0.67 / 0.49 s |
-//! | 11008×4096, 16 | 12.9 / 9.2 ms | 2.18 / 1.20 s | 0.76 / 0.89 s |
-//! | 11008×4096, 64 | 9.7 / 10.7 ms | 1.50 / 1.95 s | 0.83 / 1.06 s |
+//! | shape, r | 1 token fwd: NF4 / bf16 | 1 token bwd | 512 tokens fwd | 512 tokens bwd |
+//! |---|---|---|---|---|
+//! | 4096×4096, 16 | 1.47 / 2.26 ms | 7.4 / 5.1 ms | 0.80 / 0.79 s | 0.33 / 0.33 s |
+//! | 4096×4096, 64 | 1.53 / 1.28 ms | 6.1 / 4.5 ms | 0.17 / 0.23 s | 0.23 / 0.24 s |
+//! | 11008×4096, 16 | 4.19 / 6.46 ms | 59 / 19 ms | 0.53 / 0.43 s | 0.46 / 0.42 s |
+//! | 11008×4096, 64 | 3.47 / 4.91 ms | 46 / 12 ms | 1.33 / 0.28 s | 0.34 / 0.31 s |
 //!
-//! A quieter run of the 1-token forward at 4096×4096 gave 4.0 ms (NF4) against 3.1 ms (bf16).
+//! Paired runs (NF4 and bf16 forward alternating, so that load shifts hit both; process CPU time
+//! over 6–10 pairs): NF4 / bf16 = 0.58–0.64 (medians) at 1 token for both shapes and ranks; at 512
+//! tokens the run-to-run noise exceeds the difference: per-run medians 0.91–1.00 at 4096×4096 and
+//! at 11008×4096 r 64, 0.91–1.31 at 11008×4096 r 16 (three of six runs above 1.15, the CPU time of
+//! the very same product varying 2.5× within a run), while the work that differs is 2–4 % of the
+//! forward (below).
+//!
+//! * 1 token: the 4-bit base is the codec's fused matrix–vector kernel (4.1 bits read per weight
+//!   against 16; the kernel alone does 4096×4096 in about 0.66 ms on both cores). A bf16
+//!   4096×4096 weight (32 MiB) can partly stay in this machine's 32 MiB L3 cache between calls,
+//!   which is when bf16 comes close (the r 64 row); at 11008×4096 it cannot.
+//! * 512 tokens: both bases run the same faer products over 2 MiB f32 tiles and differ only in
+//!   making a tile: dequantizing and rounding costs 8 ms of CPU per 4096×4096 forward (24 ms at
+//!   11008×4096) against 4 ms (7 ms) to widen bf16, 2–4 % of the forward.
+//! * The 1-token backward (`dX = g·W`) still goes through the tiles, dequantizing the whole weight,
+//!   hence its 1.4–3× against bf16.
 //!
 //! # Agreement with PEFT 0.21.2 (testdata/peft, `tests/peft_vectors.rs`)
 //!
