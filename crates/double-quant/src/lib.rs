@@ -147,6 +147,31 @@ pub struct DynamicMap {
     values: [f32; 256],
 }
 
+/// Byte `k` of the f32 bit pattern of every code's value, for each `k` (little-endian order):
+/// the layout the AVX-512 VBMI decoder looks values up in (four 256-entry byte tables).
+#[cfg(all(target_arch = "x86_64", qlora_simd))]
+pub(crate) type BytePlanes = [[u8; 256]; 4];
+
+#[cfg(all(target_arch = "x86_64", qlora_simd))]
+const fn byte_planes(bits: &[u32; 256]) -> BytePlanes {
+    let mut planes = [[0u8; 256]; 4];
+    let mut i = 0;
+    while i < 256 {
+        let mut k = 0;
+        while k < 4 {
+            planes[k][i] = (bits[i] >> (8 * k)) as u8;
+            k += 1;
+        }
+        i += 1;
+    }
+    planes
+}
+
+#[cfg(all(target_arch = "x86_64", qlora_simd))]
+static SIGNED_PLANES: BytePlanes = byte_planes(&SIGNED_DYNAMIC_MAP_BITS);
+#[cfg(all(target_arch = "x86_64", qlora_simd))]
+static UNSIGNED_PLANES: BytePlanes = byte_planes(&UNSIGNED_DYNAMIC_MAP_BITS);
+
 static SIGNED: DynamicMap = DynamicMap::from_bits(MapKind::Signed, &SIGNED_DYNAMIC_MAP_BITS);
 static UNSIGNED: DynamicMap = DynamicMap::from_bits(MapKind::Unsigned, &UNSIGNED_DYNAMIC_MAP_BITS);
 
@@ -195,6 +220,15 @@ impl DynamicMap {
         match self.kind {
             MapKind::Signed => Encoder::signed(),
             MapKind::Unsigned => Encoder::unsigned(),
+        }
+    }
+
+    /// The values as four byte planes (see [`BytePlanes`]).
+    #[cfg(all(target_arch = "x86_64", qlora_simd))]
+    pub(crate) fn byte_planes(&self) -> &'static BytePlanes {
+        match self.kind {
+            MapKind::Signed => &SIGNED_PLANES,
+            MapKind::Unsigned => &UNSIGNED_PLANES,
         }
     }
 

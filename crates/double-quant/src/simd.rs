@@ -187,7 +187,7 @@ impl Implementation {
             "decode_scaled: output shorter than input"
         );
         let out = &mut out[..codes.len()];
-        dispatch!(self, k => k.decode_scaled(map.values(), codes, scale, out), {
+        dispatch!(self, k => k.decode_scaled(map, codes, scale, out), {
             for (o, &c) in out.iter_mut().zip(codes) {
                 *o = map.values()[c as usize] * scale;
             }

@@ -199,6 +199,72 @@ fn lengths_and_unaligned_starts_write_exactly_their_range() {
     }
 }
 
+/// `encode_divided` may take `x · (1/p)` instead of `x / p` where that cannot change the code:
+/// values whose quotient lands on or a few ulps around every decision threshold, for divisors
+/// whose reciprocal is inexact, a power of two, huge, tiny (`1/p` not normal: the division is
+/// used throughout) or subnormal.
+#[test]
+fn encode_divided_is_exact_around_every_threshold() {
+    let divisors = [
+        0.37f32,
+        1.0 / 3.0,
+        3.0,
+        0.999_999_94,
+        1.000_000_1,
+        7.0,
+        2.0f32.powi(-20),
+        0.015_625,
+        1.234_567e-5,
+        4.2e-37,
+        3.3e37,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        1e-39, // subnormal
+        -0.71,
+    ];
+    for (map, enc) in maps() {
+        let v = map.values();
+        for &d in &divisors {
+            let mut x = Vec::new();
+            for k in 0..255 {
+                let mid = (v[k] + v[k + 1]) * 0.5;
+                for t in [mid, v[k]] {
+                    let x0 = t * d;
+                    for j in -6..=6 {
+                        x.push(ulp(x0, j));
+                    }
+                }
+            }
+            for imp in Implementation::available() {
+                let mut out = vec![0u8; x.len()];
+                imp.encode_divided(enc, &x, d, &mut out);
+                for (i, (&xv, &c)) in x.iter().zip(&out).enumerate() {
+                    assert_eq!(
+                        c,
+                        map.encode(xv / d),
+                        "{imp} encode_divided [{i}] x = {}, divisor {}",
+                        hex(xv),
+                        hex(d)
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The AVX-512 `encode_divided` skips its bucket-edge check for products below 2⁻³⁰ in
+/// magnitude (`TINY`), relying on every decision threshold lying far above that.
+#[test]
+fn every_threshold_is_far_from_zero() {
+    for (map, _) in maps() {
+        let v = map.values();
+        for k in 0..255 {
+            let mid = (v[k] + v[k + 1]) * 0.5;
+            assert!(mid.abs() > 2.0f32.powi(-26), "threshold {k}: {mid:e}");
+        }
+    }
+}
+
 fn same(a: f32, b: f32) -> bool {
     a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
 }

@@ -9,6 +9,7 @@
 
 use crate::encoder::{Table, OFFSET_BITS};
 use crate::simd::Normalize;
+use crate::DynamicMap;
 use core::arch::aarch64::*;
 
 const NORM_NONE: u8 = 0;
@@ -49,14 +50,9 @@ impl Kernel {
     }
 
     /// `out[i] = values[codes[i]] * scale`.
-    pub(crate) fn decode_scaled(
-        self,
-        values: &[f32; 256],
-        codes: &[u8],
-        scale: f32,
-        out: &mut [f32],
-    ) {
+    pub(crate) fn decode_scaled(self, map: &DynamicMap, codes: &[u8], scale: f32, out: &mut [f32]) {
         assert_eq!(out.len(), codes.len(), "decode: output length");
+        let values = map.values();
         // SAFETY: NEON detected (`new`); equal lengths asserted.
         unsafe { decode_scaled(values, codes, scale, out) }
     }

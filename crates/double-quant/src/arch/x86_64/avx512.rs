@@ -10,12 +10,23 @@
 //! patched like the binary search clamps: `x > 1` → 255, everything else (`x < -1`, NaN) → 0. The
 //! 16 codes are narrowed with `vpmovdb`. The last partial vector uses masked loads and stores.
 //!
-//! **Decode.** `vpmovzxbd` of 16 codes; the 256-entry map lives in 16 registers and is looked up
-//! with eight `vpermt2ps` and a blend tree (faster than `vgatherdps`, which is slower than scalar
-//! loads on AMD cores); `vmulps` by the scale.
+//! **Divided encode** (`x / p`, the optimizer's normalization): when `p` and `1/p` are normal,
+//! the product `x · (1/p)` replaces the division (one `vmulps` instead of a `vdivps`), and its
+//! bucket entries come from two 8-lane gathers (faster than 16 scalar loads here). The product is
+//! at most 4 keys from the quotient, so a vector with a lane within 8 keys of a threshold (or of
+//! a bucket end, except for tiny values far below every threshold) is redone with the division:
+//! the codes are the division's in every case (see `codes16_div`).
+//!
+//! **Decode.** With AVX-512 VBMI (Ice Lake, Zen 4 and later), 64 codes at a time from four byte
+//! planes of the map (each a 256-entry byte table in four registers: two `vpermt2b` and a blend
+//! per plane), assembled into f32 patterns with `vpunpck*` (about 3× the permute tree below).
+//! Otherwise, and for the last < 64 codes: `vpmovzxbd` of 16 codes; the 256-entry map lives in
+//! 16 registers and is looked up with eight `vpermt2ps` and a blend tree (faster than
+//! `vgatherdps`, which is slower than scalar loads on AMD cores); `vmulps` by the scale.
 
 use crate::encoder::{Table, OFFSET_BITS};
 use crate::simd::Normalize;
+use crate::{BytePlanes, DynamicMap};
 use core::arch::x86_64::*;
 
 const NORM_NONE: u8 = 0;
@@ -25,7 +36,8 @@ const NORM_DIV: u8 = 2;
 /// The AVX-512 kernels; a value exists only on a CPU with AVX-512 F, BW and VL.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Kernel {
-    _features_detected: (),
+    /// AVX-512 VBMI is present too (byte permutes: the byte-plane decoder).
+    vbmi: bool,
 }
 
 impl Kernel {
@@ -38,8 +50,8 @@ impl Kernel {
 
     /// The kernels, if the CPU has the features.
     pub(crate) fn new() -> Option<Self> {
-        Self::is_available().then_some(Kernel {
-            _features_detected: (),
+        Self::is_available().then(|| Kernel {
+            vbmi: std::is_x86_feature_detected!("avx512vbmi"),
         })
     }
 
@@ -58,17 +70,22 @@ impl Kernel {
     }
 
     /// `out[i] = values[codes[i]] * scale`.
-    pub(crate) fn decode_scaled(
-        self,
-        values: &[f32; 256],
-        codes: &[u8],
-        scale: f32,
-        out: &mut [f32],
-    ) {
+    pub(crate) fn decode_scaled(self, map: &DynamicMap, codes: &[u8], scale: f32, out: &mut [f32]) {
         assert_eq!(out.len(), codes.len(), "decode: output length");
-        // SAFETY: features detected (`new`); equal lengths asserted; `values` holds 256 entries,
-        // so every u8 code indexes inside it.
-        unsafe { decode_scaled(values, codes, scale, out) }
+        let (codes, out) = if self.vbmi {
+            let whole = codes.len() / 64 * 64;
+            let (c64, c_rest) = codes.split_at(whole);
+            let (o64, o_rest) = out.split_at_mut(whole);
+            // SAFETY: AVX-512 F, BW, VL and VBMI were detected (`new`); `c64` and `o64` both hold
+            // `whole` elements, a multiple of 64.
+            unsafe { decode_planes(map.byte_planes(), c64, scale, o64) };
+            (c_rest, o_rest)
+        } else {
+            (codes, out)
+        };
+        // SAFETY: features detected (`new`); equal lengths (asserted, and split at the same
+        // index); `values` holds 256 entries, so every u8 code indexes inside it.
+        unsafe { decode_scaled(map.values(), codes, scale, out) }
     }
 }
 
@@ -85,6 +102,9 @@ struct Consts {
     one: __m512,
     c255: __m512i,
     p: __m512,
+    /// `1/p`, broadcast and as a scalar.
+    r: __m512,
+    r_scalar: f32,
 }
 
 #[inline]
@@ -101,6 +121,8 @@ fn consts(t: &Table, p: f32) -> Consts {
         one: _mm512_set1_ps(1.0),
         c255: _mm512_set1_epi32(255),
         p: _mm512_set1_ps(p),
+        r: _mm512_set1_ps(1.0 / p),
+        r_scalar: 1.0 / p,
     }
 }
 
@@ -138,11 +160,81 @@ unsafe fn codes16<const NORM: u8>(c: &Consts, v: __m512) -> __m128i {
     _mm512_cvtepi32_epi8(code)
 }
 
+/// Key distance within which [`codes16_div`] treats a threshold as close enough that the
+/// reciprocal product might land on its other side (the bound is 4; see there).
+const MARGIN: u32 = 8;
+
+/// Products below this magnitude are far from every decision threshold of either map (checked
+/// by a test), so their codes never need the division.
+pub(crate) const TINY: f32 = 1.0 / (1u64 << 30) as f32;
+
+/// The codes of `x / p` (IEEE division) computed with `x · (1/p)` where that provably gives the
+/// same code, and with the division where it might not.
+///
+/// `RN(x · RN(1/p))` is within 2 ulps of `RN(x / p)` (the reciprocal's relative error is at most
+/// 2⁻²⁴, less than one ulp of the quotient, plus half an ulp from each rounding), so at most 4
+/// apart in key units even across a binade boundary; subnormal quotients differ by less. The code
+/// only changes at a threshold key, so if no threshold lies within [`MARGIN`] keys of the
+/// product's key — the bucket's threshold (offset `step`) is farther and the key is not that close
+/// to either end of its bucket (a neighbour bucket's threshold) — the product's code is the
+/// quotient's. Otherwise the whole vector is redone with `vdivps`. The clamps at ±1 give the same
+/// codes as the table there (0 at −1, 255 at 1), and NaN and infinities are the same either way.
+/// Callers use it only when `p` and `1/p` are normal.
+///
+/// # Safety
+/// As [`codes16`]; `c.r` holds `1/p`, which is normal.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn codes16_div(c: &Consts, x: __m512, size_m1: __m512i) -> __m128i {
+    let v = _mm512_mul_ps(x, c.r);
+    let b = _mm512_castps_si512(v);
+    let key = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32::<31>(b), c.sign));
+    let d = _mm512_sub_epi32(key, c.key_lo);
+    let idx = _mm512_min_epu32(_mm512_srlv_epi32(d, c.shift), c.last);
+    // Two 8-lane gathers: faster than one 16-lane gather or 16 scalar loads on Zen 4.
+    // SAFETY: every index is at most `last` (clamped above), inside the table (caller).
+    let e = unsafe {
+        let lo = _mm256_i32gather_epi32::<4>(c.entries, _mm512_castsi512_si256(idx));
+        let hi = _mm256_i32gather_epi32::<4>(c.entries, _mm512_extracti64x4_epi64::<1>(idx));
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    };
+    let off = _mm512_and_si512(d, c.off_mask);
+    let step = _mm512_and_si512(e, c.step_mask);
+    let margin = _mm512_set1_epi32(MARGIN as i32);
+    // |off − step| < MARGIN, or off within MARGIN of either end of the bucket.
+    let near_step = _mm512_cmplt_epu32_mask(
+        _mm512_add_epi32(_mm512_sub_epi32(off, step), margin),
+        _mm512_set1_epi32(2 * MARGIN as i32),
+    );
+    // Bucket ends matter only where a threshold could be near: ±0 (a bucket edge) and other
+    // tiny products are far below every threshold (the smallest is above 2⁻³⁰ in magnitude).
+    let tiny = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(v), _mm512_set1_ps(TINY));
+    let near_end = (_mm512_cmplt_epu32_mask(off, margin)
+        | _mm512_cmpgt_epu32_mask(off, _mm512_sub_epi32(size_m1, margin)))
+        & !tiny;
+    if near_step | near_end != 0 {
+        // SAFETY: the caller's contract is `codes16`'s.
+        return unsafe { codes16_divided_exactly(c, x) };
+    }
+    let up = _mm512_cmpge_epu32_mask(off, step);
+    let base = _mm512_srli_epi32::<OFFSET_BITS>(e);
+    let code = _mm512_mask_sub_epi32(base, up, base, _mm512_set1_epi32(-1));
+    let in_range = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_abs_ps(v), c.one);
+    let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, c.one);
+    let code = _mm512_mask_mov_epi32(_mm512_maskz_mov_epi32(in_range, code), above, c.c255);
+    _mm512_cvtepi32_epi8(code)
+}
+
 /// # Safety
 /// AVX-512 F, BW and VL are available; `out.len() == x.len()`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn encode<const NORM: u8>(t: &Table, x: &[f32], p: f32, out: &mut [u8]) {
     let c = consts(t, p);
+    if NORM == NORM_DIV && p.is_normal() && c.r_scalar.is_normal() {
+        // SAFETY: the caller's contract; `1/p` is normal.
+        unsafe { encode_div(&c, x, out) };
+        return;
+    }
     let n = x.len();
     let (src, dst) = (x.as_ptr(), out.as_mut_ptr());
     let mut i = 0;
@@ -169,6 +261,99 @@ unsafe fn encode<const NORM: u8>(t: &Table, x: &[f32], p: f32, out: &mut [u8]) {
             _mm_mask_storeu_epi8(dst.add(i).cast(), m, codes16::<NORM>(&c, v));
         }
         i += 16;
+    }
+}
+
+/// [`codes16`] with the division: the rare vectors [`codes16_div`] cannot settle, kept out of
+/// line so that the common path inlines.
+///
+/// # Safety
+/// As [`codes16`].
+#[cold]
+#[inline(never)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn codes16_divided_exactly(c: &Consts, x: __m512) -> __m128i {
+    // SAFETY: the caller's contract.
+    unsafe { codes16::<NORM_DIV>(c, x) }
+}
+
+/// [`encode`] for `x / p` through [`codes16_div`].
+///
+/// # Safety
+/// AVX-512 F, BW and VL are available; `out.len() == x.len()`; `c.r` is `1/p` and normal.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn encode_div(c: &Consts, x: &[f32], out: &mut [u8]) {
+    let n = x.len();
+    let (src, dst) = (x.as_ptr(), out.as_mut_ptr());
+    let size_m1 = c.off_mask;
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: elements i .. i+16 lie inside `x` and `out` (equal lengths).
+        unsafe {
+            let codes = codes16_div(c, _mm512_loadu_ps(src.add(i)), size_m1);
+            _mm_storeu_si128(dst.add(i).cast(), codes);
+        }
+        i += 16;
+    }
+    if i < n {
+        let m = ((1u32 << (n - i)) - 1) as u16;
+        // SAFETY: the masked load and store touch only the `n - i` elements from `i`.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(m, src.add(i));
+            _mm_mask_storeu_epi8(dst.add(i).cast(), m, codes16_div(c, v, size_m1));
+        }
+    }
+}
+
+/// Values of 64 codes from the four byte planes (AVX-512 VBMI), times `scale`.
+///
+/// Each plane is a 256-entry byte table in four registers: `vpermt2b` looks up codes 0–127 and
+/// 128–255 (the low 7 bits) and a blend on bit 7 picks one. `vpunpck{l,h}bw` and `vpunpck{l,h}wd`
+/// then assemble the f32 bit patterns, which leaves, in each 128-bit lane `L` of output vector
+/// `k`, the elements `16L + 4k ..` of the input order; the codes are permuted beforehand (a 4×4
+/// transpose of 4-byte groups) so that the outputs come out in order.
+///
+/// # Safety
+/// AVX-512 F, BW, VL and VBMI are available; `codes.len() == out.len()`, a multiple of 64.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+unsafe fn decode_planes(planes: &BytePlanes, codes: &[u8], scale: f32, out: &mut [f32]) {
+    let s = _mm512_set1_ps(scale);
+    let t: [[__m512i; 4]; 4] = core::array::from_fn(|k| {
+        core::array::from_fn(|q| {
+            // SAFETY: each plane holds 256 bytes: four 64-byte loads at 64·q, q < 4.
+            unsafe { _mm512_loadu_si512(planes[k].as_ptr().add(64 * q).cast()) }
+        })
+    });
+    let transpose = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    let (src, dst) = (codes.as_ptr(), out.as_mut_ptr());
+    let mut i = 0;
+    while i + 64 <= codes.len() {
+        // SAFETY: codes i .. i+64 and outputs i .. i+64 are in bounds (equal lengths).
+        unsafe {
+            let c = _mm512_permutexvar_epi32(transpose, _mm512_loadu_si512(src.add(i).cast()));
+            let high = _mm512_movepi8_mask(c);
+            let plane = |k: usize| {
+                let lo = _mm512_permutex2var_epi8(t[k][0], c, t[k][1]);
+                let hi = _mm512_permutex2var_epi8(t[k][2], c, t[k][3]);
+                _mm512_mask_blend_epi8(high, lo, hi)
+            };
+            let (b0, b1, b2, b3) = (plane(0), plane(1), plane(2), plane(3));
+            let (lo01, hi01) = (_mm512_unpacklo_epi8(b0, b1), _mm512_unpackhi_epi8(b0, b1));
+            let (lo23, hi23) = (_mm512_unpacklo_epi8(b2, b3), _mm512_unpackhi_epi8(b2, b3));
+            let v = [
+                _mm512_unpacklo_epi16(lo01, lo23),
+                _mm512_unpackhi_epi16(lo01, lo23),
+                _mm512_unpacklo_epi16(hi01, hi23),
+                _mm512_unpackhi_epi16(hi01, hi23),
+            ];
+            for (k, v) in v.into_iter().enumerate() {
+                _mm512_storeu_ps(
+                    dst.add(i + 16 * k),
+                    _mm512_mul_ps(_mm512_castsi512_ps(v), s),
+                );
+            }
+        }
+        i += 64;
     }
 }
 
