@@ -115,6 +115,14 @@
 //! | 11008×4096, 16 | 4.19 / 6.46 ms | 59 / 19 ms | 0.53 / 0.43 s | 0.46 / 0.42 s |
 //! | 11008×4096, 64 | 3.47 / 4.91 ms | 46 / 12 ms | 1.33 / 0.28 s | 0.34 / 0.31 s |
 //!
+//! A later run on the quiet machine (r 16, forward, load ≈ 1.5 from the bench itself): 1 token
+//! 0.76 / 1.05 ms (0.72) at 4096×4096 and 2.02 / 3.47 ms (0.58) at 11008×4096; 512 tokens
+//! 171.3 / 171.7 ms (1.00) at 4096×4096 and 398 / 369 ms (1.08) at 11008×4096. The last ratio was
+//! 1.22–1.27 before the forward's fresh `[n, out]` buffers were written by the product instead of
+//! read and then written: reading untouched zero pages first costs a second, copy-on-write page
+//! fault per 4 KiB page with a TLB shootdown across the pool's threads (15 % of that forward in
+//! the kernel's page-fault path).
+//!
 //! Paired runs (NF4 and bf16 forward alternating, so that load shifts hit both; process CPU time
 //! over 6–10 pairs): NF4 / bf16 = 0.58–0.64 (medians) at 1 token for both shapes and ranks; at 512
 //! tokens the run-to-run noise exceeds the difference: per-run medians 0.91–1.00 at 4096×4096 and
