@@ -49,9 +49,13 @@ impl Kernel {
     }
 
     /// The kernels, if the CPU has the features.
+    /// Detected once: the optimizer calls the slice kernels several times per 256-element block.
     pub(crate) fn new() -> Option<Self> {
-        Self::is_available().then(|| Kernel {
-            vbmi: std::is_x86_feature_detected!("avx512vbmi"),
+        static DETECTED: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            Self::is_available().then(|| Kernel {
+                vbmi: std::is_x86_feature_detected!("avx512vbmi"),
+            })
         })
     }
 
