@@ -117,7 +117,8 @@
 //!
 //! A later run on the quiet machine (r 16, forward, load ≈ 1.5 from the bench itself): 1 token
 //! 0.76 / 1.05 ms (0.72) at 4096×4096 and 2.02 / 3.47 ms (0.58) at 11008×4096; 512 tokens
-//! 171.3 / 171.7 ms (1.00) at 4096×4096 and 398 / 369 ms (1.08) at 11008×4096. The last ratio was
+//! 171.3 / 171.7 ms (1.00) at 4096×4096 and 398 / 369 ms (1.08) at 11008×4096 (a second run:
+//! 376.8 / 375.6 ms, 1.00; r 64: 297.5 / 280.5 ms, 1.06). The 11008×4096 ratio was
 //! 1.22–1.27 before the forward's fresh `[n, out]` buffers were written by the product instead of
 //! read and then written: reading untouched zero pages first costs a second, copy-on-write page
 //! fault per 4 KiB page with a TLB shootdown across the pool's threads (15 % of that forward in

@@ -98,6 +98,9 @@
 //! | 8-bit | 21.6 ms, 12.5 GB/s, **0.32** of memcpy | 25.1 ms, 0.28 | 29.3 ms, 0.24 |
 //! | 32-bit | 9.0 ms, 52 GB/s, 1.34 | 10.0 ms, 1.20 | 14.9 ms, 0.81 |
 //!
+//! Over four runs the 8-bit ratio was 0.29–0.40 (21.6–24.5 ms; the memcpy itself varied 25–39
+//! GB/s on this shared VM).
+//!
 //! The 8-bit step is compute-bound (it scales 2.0× from one core to two and runs no faster in
 //! cache): about 2.6 ns per element per core, of which the two re-quantizations
 //! (`Encoder::encode_divided`: a bucket-table lookup per code, 8-lane gathers on Zen 4) take about
