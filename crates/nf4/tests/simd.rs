@@ -41,6 +41,10 @@ fn lengths(bs: usize) -> Vec<usize> {
     for k in [1, 2, 3] {
         v.extend([k * bs - 1, k * bs, k * bs + 1, k * bs + 17, k * bs + 31]);
     }
+    // 16 and more whole blocks: the AVX-512 kernel's 16-block path (block sizes 64 and 128).
+    if bs <= 128 {
+        v.extend([16 * bs - 1, 16 * bs, 16 * bs + 1, 33 * bs + 17]);
+    }
     v.sort_unstable();
     v.dedup();
     v
@@ -207,6 +211,14 @@ fn quantize_matches_oracle_everywhere() {
             for bs in BLOCK_SIZES {
                 for n in lengths(bs) {
                     let x = special_input(n, bs, &mut rng);
+                    check_quantize(imp, qt, &x, bs);
+                    check_quantize(imp, qt, &convert::<f16>(&x), bs);
+                    check_quantize(imp, qt, &convert::<bf16>(&x), bs);
+                    // The same without NaN, so that most blocks take the NaN-free paths.
+                    let x: Vec<f32> = x
+                        .iter()
+                        .map(|&v| if v.is_nan() { 0.5 } else { v })
+                        .collect();
                     check_quantize(imp, qt, &x, bs);
                     check_quantize(imp, qt, &convert::<f16>(&x), bs);
                     check_quantize(imp, qt, &convert::<bf16>(&x), bs);
