@@ -69,20 +69,22 @@
 //! forces the oracle, and [`Implementation`]'s methods run a chosen one. Tensors of at least
 //! [`PARALLEL_THRESHOLD`] elements are split over the rayon pool in ranges of whole blocks.
 //! `qlora bench` prints the throughput on the machine at hand. On a 2-core AMD EPYC (Zen 4,
-//! AVX-512) VM, 64 Mi elements, block 64, both cores (quiet machine; the memcpy of the same bytes
-//! ran at 43–51 GB/s in the same run):
+//! 2.6 GHz, AVX-512) VM, 64 Mi elements, block 64, both cores; the memcpy of the same bytes in the
+//! same run moved 29–36 GB/s (this shared VM's bandwidth varies over the day from about 25 to 50
+//! GB/s, and the ratios with it):
 //!
 //! | operation | G elements/s | vs memcpy |
 //! |---|---|---|
-//! | dequantize NF4 + double quant → bf16 | 23.5 | 1.37 |
-//! | dequantize NF4 → f32 / → f16 | 13.4 / 25.3 | 1.34 / 1.36 |
-//! | quantize bf16 → NF4 | 6.6 | 0.37 |
-//! | quantize bf16 → NF4 + double quant | 6.1 | 0.32 |
+//! | dequantize NF4 + double quant → bf16 | 13.7 | 0.97 |
+//! | dequantize NF4 → f32 / → f16 | 6.9 / 13.5 | 0.98 / 1.09 |
+//! | quantize bf16 → NF4 | 7.6 | 0.56 |
+//! | quantize bf16 → NF4 + double quant | 7.2 | 0.52 |
+//! | quantize f32 → NF4 + double quant | 6.5 | 0.89 |
 //!
-//! Dequantization runs at memory speed (above 1: it writes with streaming stores and reads a
-//! quarter as many bytes as it writes, which a plain copy does not). Quantization is
-//! compute-bound at about 3 G elements/s per core (a 4-step threshold search per element); double
-//! quantization of the 1 Mi absmax values adds about 0.8 ms.
+//! Dequantization runs at memory speed (streaming stores for large outputs). Quantization is
+//! compute-bound at about 3.6 G elements/s per core (in cache 4.05 at block 64, 4.3 at 128: a
+//! 4-step threshold search per element, 16 blocks reduced at once); double quantization of the
+//! 1 Mi absmax values adds about 0.8 ms.
 //!
 //! [`QuantizedTensor::gemv`] multiplies a 4-bit matrix by a few token vectors straight from the
 //! packed codes (module [`gemv`]: a per-block table of dequantized values looked up with
