@@ -105,7 +105,6 @@
 #[allow(unsafe_code)]
 mod arch;
 pub mod codebook;
-mod double_quant;
 pub mod gemv;
 pub mod int4;
 mod kernel;
@@ -470,12 +469,11 @@ pub fn quantize_into<T: Element>(
     Implementation::active().quantize_into(quant_type, input, blocksize, packed, absmax)
 }
 
-/// Double-quantize per-block absmax values: the same result as
-/// [`DoubleQuantAbsmax::compress`] (bitsandbytes' `compress_statistics`), byte for byte, with the
-/// SIMD encoder of the 8-bit map ([`qlora_double_quant::Encoder`]), on the rayon pool when large. Pair it with
-/// [`quantize_into`] to quantize into reused buffers with double quantization.
+/// Double-quantize per-block absmax values: [`DoubleQuantAbsmax::compress`] (bitsandbytes'
+/// `compress_statistics`; the SIMD encoder of the 8-bit map, on the rayon pool when large). Pair
+/// it with [`quantize_into`] to quantize into reused buffers with double quantization.
 pub fn double_quantize_absmax(absmax: &[f32]) -> DoubleQuantAbsmax {
-    double_quant::compress(absmax)
+    DoubleQuantAbsmax::compress(absmax)
 }
 
 /// Dequantize a whole tensor into `out` (its length is the element count) without allocating.

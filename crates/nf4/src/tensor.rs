@@ -137,7 +137,7 @@ impl QuantizedTensor {
             &mut absmax,
         )?;
         let absmax = if options.double_quant {
-            Absmax::Double(crate::double_quant::compress(&absmax))
+            Absmax::Double(DoubleQuantAbsmax::compress(&absmax))
         } else {
             Absmax::F32(absmax)
         };
