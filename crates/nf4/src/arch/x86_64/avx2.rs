@@ -256,7 +256,7 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
 /// bf16 bits (low half of each dword) of 8 f32, exactly `half::bf16::from_f32`.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn bf16_rne8(x: __m256i) -> __m256i {
+pub(crate) fn bf16_rne8(x: __m256i) -> __m256i {
     let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
     let biased = _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7fff)), lsb);
     let rounded = _mm256_srli_epi32::<16>(biased);

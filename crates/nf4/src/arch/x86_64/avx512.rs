@@ -687,7 +687,7 @@ unsafe fn encode_block<const SRC: u8, const NF4: bool>(
 /// sign and top payload bits and is made quiet — exactly `half::bf16::from_f32`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn bf16_rne(x: __m512i) -> __m512i {
+pub(crate) fn bf16_rne(x: __m512i) -> __m512i {
     let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
     let biased = _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), lsb);
     let rounded = _mm512_srli_epi32::<16>(biased);

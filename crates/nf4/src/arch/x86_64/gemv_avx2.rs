@@ -8,6 +8,7 @@
 //! the same order. A chunk that straddles two blocks blends both tables' lookups. The row's tail
 //! and the reduction are the scalar code of [`crate::gemv`], inlined.
 
+use super::avx2::bf16_rne8;
 use crate::gemv::{finish_row, Matrix};
 use crate::Dtype;
 use core::arch::x86_64::*;
@@ -90,25 +91,6 @@ impl Kernel {
     }
 }
 
-/// f32 → bf16 → f32 on 8 lanes, round to nearest even; NaN made quiet — exactly
-/// `half::bf16::from_f32(x).to_f32()`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn round_bf16(x: __m256) -> __m256 {
-    let x = _mm256_castps_si256(x);
-    let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
-    let biased = _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7fff)), lsb);
-    let rounded = _mm256_and_si256(biased, _mm256_set1_epi32(0xffff_0000u32 as i32));
-    let magnitude = _mm256_and_si256(x, _mm256_set1_epi32(0x7fff_ffff));
-    // Signed compare is right: both sides are non-negative as i32.
-    let nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7f80_0000));
-    let quiet = _mm256_and_si256(
-        _mm256_or_si256(x, _mm256_set1_epi32(0x0040_0000)),
-        _mm256_set1_epi32(0xffff_0000u32 as i32),
-    );
-    _mm256_castsi256_ps(_mm256_blendv_epi8(rounded, quiet, nan))
-}
-
 /// Half of a block's 16 weights: `round_dtype(table_half · a)` as f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -117,7 +99,7 @@ fn scaled_half<const DT: u8>(half: __m256, a: __m256) -> __m256 {
     match DT {
         DT_F32 => s,
         DT_F16 => _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(s)),
-        _ => round_bf16(s),
+        _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(bf16_rne8(_mm256_castps_si256(s)))),
     }
 }
 

@@ -9,6 +9,7 @@
 //! lane mask. The row's tail (`cols mod 32` elements) and the final reduction are the scalar
 //! code of [`crate::gemv`], inlined here.
 
+use super::avx512::bf16_rne;
 use crate::gemv::{finish_row, Matrix};
 use crate::Dtype;
 use core::arch::x86_64::*;
@@ -93,20 +94,6 @@ impl Kernel {
             t0 += nt;
         }
     }
-}
-
-/// bf16 bits (in the low half of each dword) of 16 f32, rounded to nearest even; NaN keeps its
-/// sign and top payload bits and is made quiet — exactly `half::bf16::from_f32`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn bf16_rne(x: __m512i) -> __m512i {
-    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
-    let biased = _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), lsb);
-    let rounded = _mm512_srli_epi32::<16>(biased);
-    let magnitude = _mm512_and_si512(x, _mm512_set1_epi32(0x7fff_ffff));
-    let nan = _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x7f80_0000));
-    let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(0x40));
-    _mm512_mask_blend_epi32(nan, rounded, quiet)
 }
 
 /// The 16 weights of a block with absmax `a`: `round_dtype(table · a)` as f32.
