@@ -103,7 +103,7 @@
 //!
 //! The 8-bit step is compute-bound (it scales 2.0× from one core to two and runs no faster in
 //! cache): about 2.6 ns per element per core, of which the two re-quantizations
-//! (`Encoder::encode_divided`: a bucket-table lookup per code, 8-lane gathers on Zen 4) take about
+//! (`Encoder::encode_divided`: a bucket-table lookup per code, scalar loads on Zen 4) take about
 //! 40 %, the parameter update (one IEEE division and one square root per element) about a third,
 //! and the two dequantizations (VBMI byte-plane lookups) under 10 %. The 32-bit step (28 B per
 //! parameter) runs at memory speed.
