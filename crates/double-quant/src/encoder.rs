@@ -69,6 +69,186 @@ impl Table {
     }
 }
 
+/// Fixed-point scale of the segment coordinate in [`Segments`]: `2^15` units per code.
+pub(crate) const FIX: f32 = 32768.0;
+
+/// Fixed-point units (of [`FIX`] per code, so `2^-11` of a code spacing) within which a coordinate
+/// counts as near a threshold.
+pub(crate) const NEAR_UNITS: i32 = 16;
+
+/// Bits of the fixed-point coordinate tested for nearness: `(t + NEAR_UNITS) mod FIX` is below
+/// `2 · NEAR_UNITS` exactly when `(t + NEAR_UNITS) & NEAR_MASK == 0`.
+pub(crate) const NEAR_MASK: i32 = (FIX as i32 - 1) & !(2 * NEAR_UNITS - 1);
+
+/// Keys within which a magnitude counts as near a segment split.
+pub(crate) const NEAR_KEYS: u32 = 16;
+
+/// The map's positive codes as straight segments, for an encoder without table loads per lane.
+///
+/// bitsandbytes' dynamic maps are decades: in decade `k` the codes are `n` evenly spaced values
+/// `10^k · (0.1 + (j + ½) · 0.9 / n)`, so inside a decade the decision thresholds (midpoints) lie
+/// on an even grid too. Per segment — the zero code, each decade, the top code `1.0` — a linear
+/// coordinate `t = |x| · scale − offset` (fixed point, [`FIX`] units per code, the segment's first
+/// code folded in) puts every threshold inside the segment within a few millionths of a code of
+/// an integer, so `min(⌊t⌋, max_code)` is the code wherever `t` is not within [`NEAR_UNITS`] of an
+/// integer. The segment of `|x|` comes from its binary exponent: every octave `[2^e, 2^(e+1))`
+/// holds at most one segment split (a threshold between two decades), so per octave one compare
+/// with that split picks between two consecutive segments. Lanes near a split ([`NEAR_KEYS`]) or
+/// near an integer coordinate are flagged, and the caller encodes them with the exact table.
+///
+/// Negative values: the signed map is symmetric (`code(−x) = max(254 − code(x), 0)`, its tie
+/// rule included), the unsigned map gives 0. The SIMD kernel (x86-64 AVX-512) and
+/// `Segments::code` (its scalar model, for tests) compute exactly this; tests check that every
+/// unflagged f32 of `[-2, 2]` gets the exact code and that every value within 8 keys of a
+/// threshold is flagged.
+#[derive(Debug)]
+pub(crate) struct Segments {
+    /// Per octave (biased exponent `& 31`): the split inside it, `+inf` if none.
+    pub(crate) split: [f32; 32],
+    /// Per octave: the segment of the octave's smallest value.
+    pub(crate) first_segment: [i32; 32],
+    /// Per segment: the coordinate's scale (fixed point).
+    pub(crate) scale: [f32; 16],
+    /// Per segment: the coordinate's offset (fixed point, the first code folded in).
+    pub(crate) offset: [f32; 16],
+    /// Per segment: its largest code.
+    pub(crate) max_code: [i32; 16],
+    /// The smallest biased exponent looked up (smaller ones are clamped to it).
+    pub(crate) exp_min: u32,
+    /// The signed map (mirror negative values) or the unsigned one (negative values give 0).
+    pub(crate) signed: bool,
+}
+
+impl Segments {
+    /// Segments of `map` whose threshold keys are `kt` (see [`Encoder`]).
+    fn new(map: &DynamicMap, kt: &[u32]) -> Self {
+        let v = map.values();
+        let signed = map.kind() == crate::MapKind::Signed;
+        // Decade sizes from the smallest positive code up, then the code of 1.0.
+        let (zero, sizes): (usize, &[usize]) = if signed {
+            (127, &[1, 2, 4, 8, 16, 32, 64])
+        } else {
+            (0, &[2, 4, 8, 16, 32, 64, 128])
+        };
+        assert_eq!(v[zero], 0.0);
+        assert_eq!(v[255], 1.0);
+        assert_eq!(zero + 1 + sizes.iter().sum::<usize>(), 255);
+        // The value above which the code is at least `c` (c > 0).
+        let threshold = |c: usize| unkey(kt[c - 1]);
+        let mut scale = [0.0f32; 16];
+        let mut offset = [0.0f32; 16];
+        let mut max_code = [0i32; 16];
+        // Splits: `splits[s - 1]` separates segment s - 1 from segment s.
+        let mut splits = Vec::new();
+        let constant = |code: usize| -((code as f64 + 0.5) * FIX as f64) as f32;
+        // Segment 0: the zero code.
+        offset[0] = constant(zero);
+        max_code[0] = zero as i32;
+        let mut c0 = zero + 1;
+        for (i, &n) in sizes.iter().enumerate() {
+            let s = i + 1;
+            let (first, last) = (v[c0] as f64, v[c0 + n - 1] as f64);
+            // Spacing of the decade (a single code: twice its value, so `t` stays in [0, 2)).
+            let g = if n > 1 {
+                (last - first) / (n - 1) as f64
+            } else {
+                2.0 * first
+            };
+            if n > 1 {
+                for c in c0..c0 + n - 1 {
+                    let gap = (v[c + 1] - v[c]) as f64;
+                    assert!((gap / g - 1.0).abs() < 1e-4, "code {c}: uneven decade");
+                }
+            }
+            scale[s] = (FIX as f64 / g) as f32;
+            offset[s] = ((first / g - 0.5 - c0 as f64) * FIX as f64) as f32;
+            max_code[s] = (c0 + n - 1) as i32;
+            splits.push(threshold(c0));
+            c0 += n;
+        }
+        // The top segment: code 255 (1.0).
+        let top = sizes.len() + 1;
+        offset[top] = constant(255);
+        max_code[top] = 255;
+        splits.push(threshold(255));
+        let segments = top + 1;
+        assert!(segments <= 16);
+        // The coordinate of every threshold inside a segment is an integer to well within
+        // NEAR_UNITS (exact f64 arithmetic on the f32 constants, as the FMA computes it).
+        for s in 1..top {
+            let (lo, hi) = (splits[s - 1], splits[s]);
+            for c in 1..255 {
+                let th = threshold(c);
+                if th > lo && th < hi {
+                    let t = th as f64 * scale[s] as f64 - offset[s] as f64;
+                    let err = (t - c as f64 * FIX as f64).abs();
+                    assert!(err < NEAR_UNITS as f64 / 4.0, "threshold {c}: off by {err}");
+                }
+            }
+            // Just above the split the coordinate is well inside the segment's first code.
+            let t = splits[s - 1] as f64 * scale[s] as f64 - offset[s] as f64;
+            let first = (max_code[s - 1] + 1) as f64 * FIX as f64;
+            assert!(
+                t > first + 0.1 * FIX as f64,
+                "segment {s} starts below its first code"
+            );
+        }
+        let exp = |x: f32| x.to_bits() >> 23;
+        let exp_min = exp(splits[0]);
+        assert!(127 - exp_min < 32, "segment tables span too many octaves");
+        let mut split = [f32::INFINITY; 32];
+        let mut first_segment = [0i32; 32];
+        for e in exp_min..=127 {
+            let start = f32::from_bits(e << 23);
+            let slot = (e & 31) as usize;
+            first_segment[slot] = splits.iter().filter(|&&b| b < start).count() as i32;
+            let mut inside = splits.iter().filter(|&&b| exp(b) == e);
+            if let Some(&b) = inside.next() {
+                split[slot] = b;
+            }
+            assert!(inside.next().is_none(), "two splits in octave {e}");
+        }
+        Segments {
+            split,
+            first_segment,
+            scale,
+            offset,
+            max_code,
+            exp_min,
+            signed,
+        }
+    }
+
+    /// The code of `y` and whether it is flagged (near a threshold: use the exact table), exactly
+    /// as the SIMD kernels compute them (the code is only meaningful when not flagged).
+    #[cfg(test)]
+    pub(crate) fn code(&self, y: f32) -> (u8, bool) {
+        let a_bits = y.to_bits() & 0x7fff_ffff;
+        let a = f32::from_bits(a_bits);
+        let slot = ((a_bits >> 23).clamp(self.exp_min, 127) & 31) as usize;
+        let split = self.split[slot];
+        let s = (self.first_segment[slot] + i32::from(a > split)) as usize;
+        let t = a.mul_add(self.scale[s], -self.offset[s]);
+        // vcvttps2dq: truncation; NaN and out-of-range give i32::MIN.
+        let ti = if !(-2147483648.0..2147483648.0).contains(&t) {
+            i32::MIN
+        } else {
+            t as i32
+        };
+        let mut code = ((ti as u32 >> 15) as i32).min(self.max_code[s]);
+        let near_int = ti.wrapping_add(NEAR_UNITS) & NEAR_MASK == 0;
+        let near_split =
+            a_bits.wrapping_sub(split.to_bits()).wrapping_add(NEAR_KEYS) < 2 * NEAR_KEYS;
+        if y.is_sign_negative() {
+            code = if self.signed { (254 - code).max(0) } else { 0 };
+        }
+        if y.is_nan() {
+            code = 0;
+        }
+        (code as u8, near_int || near_split)
+    }
+}
+
 /// Fast exact encoder for one dynamic map: [`DynamicMap::encode`], code for code, without the
 /// binary search.
 ///
@@ -96,6 +276,7 @@ impl Table {
 pub struct Encoder {
     map: &'static DynamicMap,
     table: Table,
+    segments: Segments,
 }
 
 impl Encoder {
@@ -138,11 +319,16 @@ impl Encoder {
                 shift,
                 key_lo,
             },
+            segments: Segments::new(map, &kt),
         }
     }
 
     pub(crate) fn table(&self) -> &Table {
         &self.table
+    }
+
+    pub(crate) fn segments(&self) -> &Segments {
+        &self.segments
     }
 
     /// The encoder of the signed map (`qmap1`, `nested_quant_map`).
@@ -289,6 +475,106 @@ mod tests {
                     bits += 257;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod segment_tests {
+    use super::*;
+
+    fn encoders() -> [(&'static DynamicMap, &'static Encoder); 2] {
+        [
+            (DynamicMap::signed(), Encoder::signed()),
+            (DynamicMap::unsigned(), Encoder::unsigned()),
+        ]
+    }
+
+    /// The threshold keys of a map, recomputed as `Encoder::new` does.
+    fn threshold_keys(map: &DynamicMap) -> Vec<u32> {
+        let code = map.values();
+        (0..255)
+            .map(|k| key((code[k] + code[k + 1]) * 0.5) - (k as u32 & 1))
+            .collect()
+    }
+
+    #[test]
+    fn unflagged_codes_are_exact_near_every_threshold() {
+        for (map, enc) in encoders() {
+            let seg = enc.segments();
+            for kt in threshold_keys(map) {
+                for d in -3000i64..=3000 {
+                    let k = (kt as i64 + d) as u32;
+                    for x in [unkey(k), -unkey(k)] {
+                        let (code, flagged) = seg.code(x);
+                        if !flagged {
+                            assert_eq!(code, map.encode(x), "x = {x:e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn values_a_few_keys_from_a_threshold_are_flagged() {
+        // The divided encoder's reciprocal product is at most 4 keys from the quotient; this
+        // checks a margin of twice that on both sides of every threshold, for both signs.
+        for (map, enc) in encoders() {
+            let seg = enc.segments();
+            for kt in threshold_keys(map) {
+                for d in -7i64..=8 {
+                    let x = unkey((kt as i64 + d) as u32);
+                    assert!(seg.code(x).1, "x = {x:e} not flagged");
+                    assert!(seg.code(-x).1, "x = {:e} not flagged", -x);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unflagged_codes_are_exact_on_a_sweep_and_special_values() {
+        for (map, enc) in encoders() {
+            let seg = enc.segments();
+            let mut flagged = 0usize;
+            let mut total = 0usize;
+            let mut bits = 0u32;
+            while bits <= 0x4080_0000 {
+                for x in [f32::from_bits(bits), -f32::from_bits(bits)] {
+                    let (code, f) = seg.code(x);
+                    total += 1;
+                    if f {
+                        flagged += 1;
+                    } else {
+                        assert_eq!(code, map.encode(x), "x = {x:e}");
+                    }
+                }
+                bits += 101;
+            }
+            for x in [
+                0.0f32,
+                -0.0,
+                1.0,
+                -1.0,
+                2.0,
+                -2.0,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::NAN,
+                -f32::NAN,
+                f32::MAX,
+                f32::MIN,
+                f32::MIN_POSITIVE,
+                1e-40,
+                -1e-40,
+            ] {
+                let (code, f) = seg.code(x);
+                if !f {
+                    assert_eq!(code, map.encode(x), "x = {x:e}");
+                }
+            }
+            // Flagged lanes are rare (they cost an exact re-encode of their vector).
+            assert!(flagged * 200 < total, "{flagged} of {total} flagged");
         }
     }
 }

@@ -142,7 +142,7 @@ impl Implementation {
     fn encode(self, enc: &Encoder, x: &[f32], how: Normalize, p: f32, out: &mut [u8]) {
         assert!(out.len() >= x.len(), "encode: output shorter than input");
         let out = &mut out[..x.len()];
-        dispatch!(self, k => k.encode(enc.table(), x, how, p, out), match how {
+        dispatch!(self, k => k.encode(enc, x, how, p, out), match how {
             Normalize::None => scalar_encode(enc, x, out, |v| v),
             Normalize::Mul => scalar_encode(enc, x, out, |v| v * p),
             Normalize::Div => scalar_encode(enc, x, out, |v| v / p),

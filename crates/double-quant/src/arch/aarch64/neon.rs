@@ -7,7 +7,7 @@
 //!
 //! **Decode.** 4-lane multiply of the looked-up map values (the table lookup is scalar).
 
-use crate::encoder::{Table, OFFSET_BITS};
+use crate::encoder::{Encoder, Table, OFFSET_BITS};
 use crate::simd::Normalize;
 use crate::DynamicMap;
 use core::arch::aarch64::*;
@@ -36,7 +36,8 @@ impl Kernel {
     }
 
     /// `out[i] = code(normalize(x[i]))`.
-    pub(crate) fn encode(self, t: &Table, x: &[f32], how: Normalize, p: f32, out: &mut [u8]) {
+    pub(crate) fn encode(self, enc: &Encoder, x: &[f32], how: Normalize, p: f32, out: &mut [u8]) {
+        let t = enc.table();
         assert_eq!(out.len(), x.len(), "encode: output length");
         // SAFETY: `self` exists only after NEON was detected (`new`); `out` and `x` have the same
         // length (asserted), which is all the kernel's pointer accesses rely on.

@@ -1,20 +1,18 @@
 //! AVX-512 (F + BW + VL) slice kernels, 16 lanes.
 //!
-//! **Encode.** Per vector: the optional normalization (`vmulps` / `vdivps`, the scalar code's IEEE
-//! operations), the order-preserving key (`x ^ (sign-mask | 0x8000_0000)`), the bucket index
-//! `min((key - key_lo) >> shift, last)` (clamped, so every load stays inside the table), the 16
-//! bucket entries (stored indices, 16 scalar loads, one vector reload: about 20 % faster than
-//! `vpgatherdd` on AMD Zen 4, whose gathers are slow, and not hit by the microcode mitigation
-//! that slows gathers on Intel cores), and `code = (entry >> 24) + (offset >= entry & 0xff_ffff)`
-//! with an unsigned compare into a mask and a masked subtract of −1. Lanes outside `[-1, 1]` are
-//! patched like the binary search clamps: `x > 1` → 255, everything else (`x < -1`, NaN) → 0. The
-//! 16 codes are narrowed with `vpmovdb`. The last partial vector uses masked loads and stores.
-//!
-//! **Divided encode** (`x / p`, the optimizer's normalization): when `p` and `1/p` are normal,
-//! the product `x · (1/p)` replaces the division (one `vmulps` instead of a `vdivps`). The product is
-//! at most 4 keys from the quotient, so a vector with a lane within 8 keys of a threshold (or of
-//! a bucket end, except for tiny values far below every threshold) is redone with the division:
-//! the codes are the division's in every case (see `codes16_div`).
+//! **Encode.** Per vector: the optional normalization (`vmulps`; for `x / p` the product
+//! `x · (1/p)` when `p` and `1/p` are normal, otherwise `vdivps`), then the segment encoder of
+//! [`Segments`] with no memory access per lane: the octave of `|v|` (exponent bits, clamped)
+//! picks the split and the first segment from two-register tables (`vpermt2ps`, `vpermt2d`), one
+//! compare chooses the segment, three one-register permutes fetch its scale, offset and largest
+//! code, and one FMA, a truncation, a shift and a `vpminsd` give the code; the sign is mirrored
+//! (signed map) or zeroes it (unsigned), NaN gives 0. A vector with a lane flagged near a
+//! threshold or a split (about 1 in 50 on random data) is redone exactly: IEEE normalization,
+//! then the bucket table (`base + (offset >= step)`, 16 scalar loads — faster than `vpgatherdd`
+//! on AMD Zen 4 — clamped so every load stays in the table) with the binary search's clamps
+//! outside `[-1, 1]`. Flagging covers every value within 16 keys of a threshold, and the product
+//! `x · (1/p)` is within 4 keys of the quotient (see [`exact_codes16`]), so the codes are the
+//! division's. The last partial vector uses masked loads and stores.
 //!
 //! **Decode.** With AVX-512 VBMI (Ice Lake, Zen 4 and later), 64 codes at a time from four byte
 //! planes of the map (each a 256-entry byte table in four registers: two `vpermt2b` and a blend
@@ -23,7 +21,7 @@
 //! 16 registers and is looked up with eight `vpermt2ps` and a blend tree (faster than
 //! `vgatherdps`, which is slower than scalar loads on AMD cores); `vmulps` by the scale.
 
-use crate::encoder::{Table, OFFSET_BITS};
+use crate::encoder::{Encoder, Segments, Table, NEAR_KEYS, NEAR_MASK, NEAR_UNITS, OFFSET_BITS};
 use crate::simd::Normalize;
 use crate::{BytePlanes, DynamicMap};
 use core::arch::x86_64::*;
@@ -59,16 +57,31 @@ impl Kernel {
     }
 
     /// `out[i] = code(normalize(x[i]))`.
-    pub(crate) fn encode(self, t: &Table, x: &[f32], how: Normalize, p: f32, out: &mut [u8]) {
+    pub(crate) fn encode(self, enc: &Encoder, x: &[f32], how: Normalize, p: f32, out: &mut [u8]) {
         assert_eq!(out.len(), x.len(), "encode: output length");
+        let (t, s) = (enc.table(), enc.segments());
         // SAFETY: `self` exists only after AVX-512 F, BW and VL were detected (`new`); `out` and
         // `x` have the same length (asserted), which is all the kernel's pointer accesses rely on.
         unsafe {
             match how {
-                Normalize::None => encode::<NORM_NONE>(t, x, p, out),
-                Normalize::Mul => encode::<NORM_MUL>(t, x, p, out),
-                Normalize::Div => encode::<NORM_DIV>(t, x, p, out),
+                Normalize::None => encode::<NORM_NONE>(t, s, x, p, out),
+                Normalize::Mul => encode::<NORM_MUL>(t, s, x, p, out),
+                Normalize::Div => encode::<NORM_DIV>(t, s, x, p, out),
             }
+        }
+    }
+
+    /// The segment encoder alone on `v`: per lane the code and whether it is flagged, exactly as
+    /// [`Segments::code`] computes them (for the tests).
+    #[cfg(test)]
+    pub(crate) fn segment_codes(self, s: &Segments, v: &[f32; 16]) -> ([u8; 16], u16) {
+        // SAFETY: features detected (`new`); `v` holds 16 f32 and `out` 16 bytes.
+        unsafe {
+            let c = segment_consts(s);
+            let (code, flags) = segment_codes16(&c, _mm512_loadu_ps(v.as_ptr()));
+            let mut out = [0u8; 16];
+            _mm_storeu_si128(out.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(code));
+            (out, flags)
         }
     }
 
@@ -181,77 +194,169 @@ unsafe fn codes16<const NORM: u8>(c: &Consts, v: __m512) -> __m128i {
     finish16(c, v, off, e)
 }
 
-/// Key distance within which [`codes16_div`] treats a threshold as close enough that the
-/// reciprocal product might land on its other side (the bound is 4; see there).
-const MARGIN: u32 = 8;
+/// Broadcast tables and constants of the segment encoder ([`Segments`]).
+#[derive(Clone, Copy)]
+struct SegmentConsts {
+    split: [__m512; 2],
+    first_segment: [__m512i; 2],
+    scale: __m512,
+    offset: __m512,
+    max_code: __m512i,
+    exp_min: __m512i,
+    exp_max: __m512i,
+    abs: __m512i,
+    near_units: __m512i,
+    near_mask: __m512i,
+    near_keys: __m512i,
+    near_keys2: __m512i,
+    one: __m512i,
+    c254: __m512i,
+    signed: bool,
+}
 
-/// Products below this magnitude are far from every decision threshold of either map (checked
-/// by a test), so their codes never need the division.
-pub(crate) const TINY: f32 = 1.0 / (1u64 << 30) as f32;
-
-/// The codes of `x / p` (IEEE division) computed with `x · (1/p)` where that provably gives the
-/// same code, and with the division where it might not.
-///
-/// `RN(x · RN(1/p))` is within 2 ulps of `RN(x / p)` (the reciprocal's relative error is at most
-/// 2⁻²⁴, less than one ulp of the quotient, plus half an ulp from each rounding), so at most 4
-/// apart in key units even across a binade boundary; subnormal quotients differ by less. The code
-/// only changes at a threshold key, so if no threshold lies within [`MARGIN`] keys of the
-/// product's key — the bucket's threshold (offset `step`) is farther and the key is not that close
-/// to either end of its bucket (a neighbour bucket's threshold) — the product's code is the
-/// quotient's. Otherwise the whole vector is redone with `vdivps`. The clamps at ±1 give the same
-/// codes as the table there (0 at −1, 255 at 1), and NaN and infinities are the same either way.
-/// Callers use it only when `p` and `1/p` are normal.
-///
-/// # Safety
-/// As [`codes16`]; `c.r` holds `1/p`, which is normal.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn codes16_div(c: &Consts, x: __m512) -> __m128i {
-    let v = _mm512_mul_ps(x, c.r);
-    // SAFETY: the caller's contract.
-    let (off, e) = unsafe { bucket16(c, v) };
-    let step = _mm512_and_si512(e, c.step_mask);
-    let margin = _mm512_set1_epi32(MARGIN as i32);
-    // |off − step| < MARGIN, or off within MARGIN of either end of the bucket.
-    let near_step = _mm512_cmplt_epu32_mask(
-        _mm512_add_epi32(_mm512_sub_epi32(off, step), margin),
-        _mm512_set1_epi32(2 * MARGIN as i32),
-    );
-    // Bucket ends matter only where a threshold could be near: ±0 (a bucket edge) and other
-    // tiny products are far below every threshold (the smallest is above 2⁻³⁰ in magnitude).
-    let tiny = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(v), _mm512_set1_ps(TINY));
-    let near_end = (_mm512_cmplt_epu32_mask(off, margin)
-        | _mm512_cmpgt_epu32_mask(off, _mm512_sub_epi32(c.off_mask, margin)))
-        & !tiny;
-    if near_step | near_end != 0 {
-        // SAFETY: the caller's contract is `codes16`'s.
-        return unsafe { codes16_divided_exactly(c, x) };
+fn segment_consts(s: &Segments) -> SegmentConsts {
+    // SAFETY: each load reads 16 elements of an array of 16 or 32.
+    let (split, first_segment, scale, offset, max_code) = unsafe {
+        (
+            [
+                _mm512_loadu_ps(s.split.as_ptr()),
+                _mm512_loadu_ps(s.split.as_ptr().add(16)),
+            ],
+            [
+                _mm512_loadu_si512(s.first_segment.as_ptr().cast()),
+                _mm512_loadu_si512(s.first_segment.as_ptr().add(16).cast()),
+            ],
+            _mm512_loadu_ps(s.scale.as_ptr()),
+            _mm512_loadu_ps(s.offset.as_ptr()),
+            _mm512_loadu_si512(s.max_code.as_ptr().cast()),
+        )
+    };
+    SegmentConsts {
+        split,
+        first_segment,
+        scale,
+        offset,
+        max_code,
+        exp_min: _mm512_set1_epi32(s.exp_min as i32),
+        exp_max: _mm512_set1_epi32(127),
+        abs: _mm512_set1_epi32(i32::MAX),
+        near_units: _mm512_set1_epi32(NEAR_UNITS),
+        near_mask: _mm512_set1_epi32(NEAR_MASK),
+        near_keys: _mm512_set1_epi32(NEAR_KEYS as i32),
+        near_keys2: _mm512_set1_epi32(2 * NEAR_KEYS as i32),
+        one: _mm512_set1_epi32(1),
+        c254: _mm512_set1_epi32(254),
+        signed: s.signed,
     }
-    finish16(c, v, off, e)
+}
+
+/// The codes of 16 normalized values by [`Segments`] (as i32 lanes), and the lanes flagged near
+/// a threshold or a split, whose codes must come from the exact table instead.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn segment_codes16(c: &SegmentConsts, v: __m512) -> (__m512i, __mmask16) {
+    let vb = _mm512_castps_si512(v);
+    let ab = _mm512_and_si512(vb, c.abs);
+    let a = _mm512_castsi512_ps(ab);
+    // The octave (biased exponent, clamped to the tables' range; the permutes read bits 0-4).
+    let e = _mm512_min_epu32(
+        _mm512_max_epu32(_mm512_srli_epi32::<23>(ab), c.exp_min),
+        c.exp_max,
+    );
+    let split = _mm512_permutex2var_ps(c.split[0], e, c.split[1]);
+    let up = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, split);
+    let first = _mm512_permutex2var_epi32(c.first_segment[0], e, c.first_segment[1]);
+    let seg = _mm512_mask_add_epi32(first, up, first, c.one);
+    let scale = _mm512_permutexvar_ps(seg, c.scale);
+    let offset = _mm512_permutexvar_ps(seg, c.offset);
+    let max_code = _mm512_permutexvar_epi32(seg, c.max_code);
+    // Fixed-point coordinate: code · 2^15 plus the fraction.
+    let t = _mm512_cvttps_epi32(_mm512_fmsub_ps(a, scale, offset));
+    let code = _mm512_min_epi32(_mm512_srli_epi32::<15>(t), max_code);
+    let near_int = _mm512_testn_epi32_mask(_mm512_add_epi32(t, c.near_units), c.near_mask);
+    let near_split = _mm512_cmplt_epu32_mask(
+        _mm512_add_epi32(
+            _mm512_sub_epi32(ab, _mm512_castps_si512(split)),
+            c.near_keys,
+        ),
+        c.near_keys2,
+    );
+    let zero = _mm512_setzero_si512();
+    let neg = _mm512_cmplt_epi32_mask(vb, zero);
+    let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
+    let code = if c.signed {
+        let mirrored = _mm512_mask_sub_epi32(code, neg, c.c254, code);
+        _mm512_maskz_max_epi32(ordered, mirrored, zero)
+    } else {
+        _mm512_maskz_mov_epi32(ordered & !neg, code)
+    };
+    (code, near_int | near_split)
+}
+
+/// The exact codes of 16 values: IEEE normalization (`vmulps` / `vdivps`) and the bucket table.
+///
+/// This is what the segment path falls back to for flagged vectors. Its product `x · (1/p)` is
+/// `RN(x · RN(1/p))`, within 2 ulps of `RN(x / p)` (the reciprocal's relative error is at most
+/// 2⁻²⁴, less than one ulp of the quotient, plus half an ulp from each rounding), so at most 4
+/// apart in key units even across a binade boundary; every value within 16 keys of a threshold
+/// is flagged (tested), so an unflagged product has the quotient's code.
+///
+/// # Safety
+/// `c.entries` points to a table of `last + 1` entries (a [`Table`]'s).
+#[cold]
+#[inline(never)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn exact_codes16<const NORM: u8>(c: &Consts, x: __m512) -> __m128i {
+    // SAFETY: the caller's contract.
+    unsafe { codes16::<NORM>(c, x) }
 }
 
 /// # Safety
 /// AVX-512 F, BW and VL are available; `out.len() == x.len()`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn encode<const NORM: u8>(t: &Table, x: &[f32], p: f32, out: &mut [u8]) {
+unsafe fn encode<const NORM: u8>(t: &Table, s: &Segments, x: &[f32], p: f32, out: &mut [u8]) {
     let c = consts(t, p);
-    if NORM == NORM_DIV && p.is_normal() && (1.0 / p).is_normal() {
-        // SAFETY: the caller's contract; `1/p` is normal.
-        unsafe { encode_div(&c, x, out) };
-        return;
-    }
+    let sc = segment_consts(s);
+    // `x / p` as `x · (1/p)` when both are normal (see `exact_codes16`).
+    let reciprocal = NORM == NORM_DIV && p.is_normal() && (1.0 / p).is_normal();
+    let normalize = |v: __m512| match NORM {
+        NORM_MUL => _mm512_mul_ps(v, c.p),
+        NORM_DIV if reciprocal => _mm512_mul_ps(v, c.r),
+        NORM_DIV => _mm512_div_ps(v, c.p),
+        _ => v,
+    };
     let n = x.len();
     let (src, dst) = (x.as_ptr(), out.as_mut_ptr());
+    // Output order of the two packs below: dword `j` of the result comes from dword
+    // `4 · (j mod 4) + j / 4`.
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     let mut i = 0;
-    while i + 32 <= n {
-        // SAFETY: elements i .. i+32 lie inside `x` and `out` (equal lengths); the table is `t`'s.
+    while i + 64 <= n {
+        // SAFETY: elements i .. i+64 lie inside `x` and `out` (equal lengths); the table is
+        // `t`'s (for the exact path).
         unsafe {
-            let a = codes16::<NORM>(&c, _mm512_loadu_ps(src.add(i)));
-            let b = codes16::<NORM>(&c, _mm512_loadu_ps(src.add(i + 16)));
-            _mm_storeu_si128(dst.add(i).cast(), a);
-            _mm_storeu_si128(dst.add(i + 16).cast(), b);
+            let xv: [__m512; 4] = core::array::from_fn(|k| _mm512_loadu_ps(src.add(i + 16 * k)));
+            let mut codes = [_mm512_setzero_si512(); 4];
+            let mut flags = [0u16; 4];
+            for k in 0..4 {
+                (codes[k], flags[k]) = segment_codes16(&sc, normalize(xv[k]));
+            }
+            if flags.iter().any(|&f| f != 0) {
+                for k in 0..4 {
+                    if flags[k] != 0 {
+                        codes[k] = _mm512_cvtepu8_epi32(exact_codes16::<NORM>(&c, xv[k]));
+                    }
+                }
+            }
+            // Codes are 0..=255: unsigned saturation keeps them.
+            let ab = _mm512_packus_epi32(codes[0], codes[1]);
+            let cd = _mm512_packus_epi32(codes[2], codes[3]);
+            let bytes = _mm512_permutexvar_epi32(order, _mm512_packus_epi16(ab, cd));
+            _mm512_storeu_si512(dst.add(i).cast(), bytes);
         }
-        i += 32;
+        i += 64;
     }
     while i < n {
         let m: __mmask16 = if n - i >= 16 {
@@ -260,52 +365,19 @@ unsafe fn encode<const NORM: u8>(t: &Table, x: &[f32], p: f32, out: &mut [u8]) {
             ((1u32 << (n - i)) - 1) as u16
         };
         // SAFETY: the masked load and store touch only the `min(16, n - i)` elements from `i`,
-        // inside `x` and `out`; masked-off lanes load 0.0 (any lane's bucket is clamped anyway).
+        // inside `x` and `out` (equal lengths); masked-off lanes load 0.0 and are not stored.
+        // The table is `t`'s (for the exact path).
         unsafe {
-            let v = _mm512_maskz_loadu_ps(m, src.add(i));
-            _mm_mask_storeu_epi8(dst.add(i).cast(), m, codes16::<NORM>(&c, v));
+            let xv = _mm512_maskz_loadu_ps(m, src.add(i));
+            let (code, flagged) = segment_codes16(&sc, normalize(xv));
+            let codes = if flagged == 0 {
+                _mm512_cvtepi32_epi8(code)
+            } else {
+                exact_codes16::<NORM>(&c, xv)
+            };
+            _mm_mask_storeu_epi8(dst.add(i).cast(), m, codes);
         }
         i += 16;
-    }
-}
-
-/// [`codes16`] with the division: the rare vectors [`codes16_div`] cannot settle, kept out of
-/// line so that the common path inlines.
-///
-/// # Safety
-/// As [`codes16`].
-#[cold]
-#[inline(never)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn codes16_divided_exactly(c: &Consts, x: __m512) -> __m128i {
-    // SAFETY: the caller's contract.
-    unsafe { codes16::<NORM_DIV>(c, x) }
-}
-
-/// [`encode`] for `x / p` through [`codes16_div`].
-///
-/// # Safety
-/// AVX-512 F, BW and VL are available; `out.len() == x.len()`; `c.r` is `1/p` and normal.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn encode_div(c: &Consts, x: &[f32], out: &mut [u8]) {
-    let n = x.len();
-    let (src, dst) = (x.as_ptr(), out.as_mut_ptr());
-    let mut i = 0;
-    while i + 16 <= n {
-        // SAFETY: elements i .. i+16 lie inside `x` and `out` (equal lengths).
-        unsafe {
-            let codes = codes16_div(c, _mm512_loadu_ps(src.add(i)));
-            _mm_storeu_si128(dst.add(i).cast(), codes);
-        }
-        i += 16;
-    }
-    if i < n {
-        let m = ((1u32 << (n - i)) - 1) as u16;
-        // SAFETY: the masked load and store touch only the `n - i` elements from `i`.
-        unsafe {
-            let v = _mm512_maskz_loadu_ps(m, src.add(i));
-            _mm_mask_storeu_epi8(dst.add(i).cast(), m, codes16_div(c, v));
-        }
     }
 }
 
@@ -403,6 +475,99 @@ unsafe fn decode_scaled(values: &[f32; 256], codes: &[u8], scale: f32, out: &mut
         unsafe {
             let idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, src.add(i).cast()));
             _mm512_mask_storeu_ps(dst.add(i), m, _mm512_mul_ps(lookup16(&t, idx), s));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    fn encoders() -> [&'static Encoder; 2] {
+        [Encoder::signed(), Encoder::unsigned()]
+    }
+
+    /// Every f32 bit pattern of `[0, 2]` and of its negation, 16 lanes per vector, in parallel
+    /// runs of vectors: `f` gets the vectors of one run.
+    fn every_f32_up_to_2(f: impl Fn(&mut dyn Iterator<Item = __m512>) + Sync) {
+        let vectors = 2.0f32.to_bits() / 16 + 1;
+        let runs = vectors.div_ceil(1 << 14);
+        (0..runs).into_par_iter().for_each(|r| {
+            let ks = (r << 14)..((r + 1) << 14).min(vectors);
+            let mut it = ks.flat_map(|k| {
+                [0u32, 0x8000_0000].map(|sign| {
+                    let lanes: [u32; 16] = core::array::from_fn(|l| (16 * k + l as u32) | sign);
+                    // SAFETY: `lanes` holds 16 u32 (an unaligned load; SSE2 is baseline).
+                    unsafe { _mm512_loadu_ps(lanes.as_ptr().cast()) }
+                })
+            });
+            f(&mut it);
+        });
+    }
+
+    #[test]
+    fn segment_codes_equal_the_table_for_every_unflagged_f32() {
+        if Kernel::new().is_none() {
+            return;
+        }
+        for enc in encoders() {
+            let flagged = std::sync::atomic::AtomicU64::new(0);
+            every_f32_up_to_2(|vectors| {
+                // SAFETY: AVX-512 F, BW and VL were detected above; the table is the encoder's.
+                unsafe {
+                    let c = consts(enc.table(), 1.0);
+                    let sc = segment_consts(enc.segments());
+                    let mut count = 0u64;
+                    for v in vectors {
+                        let (code, f) = segment_codes16(&sc, v);
+                        let exact = _mm512_cvtepu8_epi32(codes16::<NORM_NONE>(&c, v));
+                        let wrong = _mm512_cmpneq_epi32_mask(code, exact) & !f;
+                        if wrong != 0 {
+                            let mut x = [0f32; 16];
+                            _mm512_storeu_ps(x.as_mut_ptr(), v);
+                            let l = wrong.trailing_zeros() as usize;
+                            panic!("x = {:e} ({:#010x})", x[l], x[l].to_bits());
+                        }
+                        count += u64::from(f.count_ones());
+                    }
+                    flagged.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+            // Flagged lanes (redone exactly) stay rare. (The f32 are dense near 0, where nothing
+            // is flagged, so this rate is far below the one on data spread over [-1, 1].)
+            let total = 2 * 16 * (2.0f32.to_bits() as u64 / 16 + 1);
+            let flagged = flagged.into_inner();
+            assert!(flagged * 1000 < total, "{flagged} of {total} flagged");
+        }
+    }
+
+    #[test]
+    fn simd_segment_codes_equal_the_model() {
+        let Some(k) = Kernel::new() else { return };
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 32) as u32
+        };
+        for enc in encoders() {
+            let s = enc.segments();
+            for _ in 0..20_000 {
+                // Random bit patterns of [-4, 4] plus the specials in lane 0.
+                let mut v: [f32; 16] = core::array::from_fn(|_| {
+                    f32::from_bits((next() % 0x4080_0000) | (next() & 0x8000_0000))
+                });
+                v[0] = [f32::NAN, f32::INFINITY, -0.0, 0.0, 1.0, -1.0, f32::MAX]
+                    [(next() % 7) as usize];
+                let (codes, flags) = k.segment_codes(s, &v);
+                for l in 0..16 {
+                    let (code, flagged) = s.code(v[l]);
+                    assert_eq!(flags >> l & 1 == 1, flagged, "x = {:e}", v[l]);
+                    assert_eq!(codes[l], code, "x = {:e}", v[l]);
+                }
+            }
         }
     }
 }
