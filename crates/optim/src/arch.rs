@@ -24,6 +24,30 @@ pub(crate) fn is_available(imp: Implementation) -> bool {
     }
 }
 
+/// A hint that the `len` elements from `start` will be read soon: one prefetch per 64-byte line
+/// (nothing on targets without a prefetch instruction). Never reads or faults, so `start` may be
+/// any address.
+#[inline(always)]
+pub(crate) fn prefetch<T>(start: *const T, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bytes = len * core::mem::size_of::<T>();
+        let p = start.cast::<i8>();
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: a prefetch is only a hint; it never faults, whatever the address.
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                    p.wrapping_add(off),
+                )
+            };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (start, len);
+}
+
 /// One task of the 8-bit update with `imp` (the baseline copy when `imp` is not available).
 #[inline]
 pub(crate) fn run_8bit<P: Element, G: Element>(

@@ -226,6 +226,9 @@ pub(crate) struct Task8<'t, P, G> {
     pub(crate) a2: &'t mut [f32],
 }
 
+/// How many 256-element blocks ahead the 8-bit loop prefetches the gradient and the codes.
+const PREFETCH_BLOCKS: usize = 1;
+
 /// The 8-bit update of one task, block by block. Inlined into each `crate::arch` copy, which
 /// compiles it for its instruction set.
 #[inline(always)]
@@ -236,14 +239,25 @@ pub(crate) fn task_8bit<P: Element, G: Element>(t: Task8<'_, P, G>, k: &Consts) 
         s2: [0.0; B],
         g: [0.0; B],
     };
-    for (((((p, g), c1), c2), a1), a2) in
+    let n = t.g.len();
+    let (pp, gp, c1p, c2p) = (t.p.as_ptr(), t.g.as_ptr(), t.c1.as_ptr(), t.c2.as_ptr());
+    for (i, (((((p, g), c1), c2), a1), a2)) in
         t.p.chunks_mut(B)
             .zip(t.g.chunks(B))
             .zip(t.c1.chunks_mut(B))
             .zip(t.c2.chunks_mut(B))
             .zip(t.a1.iter_mut())
             .zip(t.a2.iter_mut())
+            .enumerate()
     {
+        let ahead = (i + PREFETCH_BLOCKS) * B;
+        if ahead < n {
+            let len = B.min(n - ahead);
+            crate::arch::prefetch(pp.wrapping_add(ahead), len);
+            crate::arch::prefetch(gp.wrapping_add(ahead), len);
+            crate::arch::prefetch(c1p.wrapping_add(ahead), len);
+            crate::arch::prefetch(c2p.wrapping_add(ahead), len);
+        }
         block_8bit(p, g, c1, c2, a1, a2, &mut buf, k);
     }
 }
