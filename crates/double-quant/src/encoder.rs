@@ -67,14 +67,28 @@ impl Table {
         let off = d & ((1u32 << self.shift) - 1);
         ((e >> OFFSET_BITS) + u32::from(off >= e & ((1 << OFFSET_BITS) - 1))) as u8
     }
+
+    /// The code of any `x`: [`lookup`](Self::lookup) inside `[-1, 1]`, the binary search's clamps
+    /// outside (above 1: 255; below −1 and NaN: 0).
+    #[inline]
+    pub(crate) fn code(&self, x: f32) -> u8 {
+        if x.abs() <= 1.0 {
+            self.lookup(x)
+        } else if x > 1.0 {
+            255
+        } else {
+            0
+        }
+    }
 }
 
 /// Fixed-point scale of the segment coordinate in [`Segments`]: `2^15` units per code.
 pub(crate) const FIX: f32 = 32768.0;
 
-/// Fixed-point units (of [`FIX`] per code, so `2^-11` of a code spacing) within which a coordinate
-/// counts as near a threshold.
-pub(crate) const NEAR_UNITS: i32 = 16;
+/// Fixed-point units (of [`FIX`] per code, so `2^-12` of a code spacing) within which a coordinate
+/// counts as near a threshold. The thresholds lie within 0.7 units of their integers, one f32
+/// step of `|x|` is at most 0.3 units, and the coordinate is rounded once (at most half a unit).
+pub(crate) const NEAR_UNITS: i32 = 8;
 
 /// Bits of the fixed-point coordinate tested for nearness: `(t + NEAR_UNITS) mod FIX` is below
 /// `2 · NEAR_UNITS` exactly when `(t + NEAR_UNITS) & NEAR_MASK == 0`.
@@ -97,7 +111,8 @@ pub(crate) const NEAR_KEYS: u32 = 16;
 /// near an integer coordinate are flagged, and the caller encodes them with the exact table.
 ///
 /// Negative values: the signed map is symmetric (`code(−x) = max(254 − code(x), 0)`, its tie
-/// rule included), the unsigned map gives 0. The SIMD kernel (x86-64 AVX-512) and
+/// rule included), the unsigned map gives 0. NaN and ±inf are always flagged (their coordinate is
+/// NaN, which truncates to `i32::MIN`, a multiple of [`FIX`]). The SIMD kernel (x86-64 AVX-512) and
 /// `Segments::code` (its scalar model, for tests) compute exactly this; tests check that every
 /// unflagged f32 of `[-2, 2]` gets the exact code and that every value within 8 keys of a
 /// threshold is flagged.
@@ -241,9 +256,6 @@ impl Segments {
             a_bits.wrapping_sub(split.to_bits()).wrapping_add(NEAR_KEYS) < 2 * NEAR_KEYS;
         if y.is_sign_negative() {
             code = if self.signed { (254 - code).max(0) } else { 0 };
-        }
-        if y.is_nan() {
-            code = 0;
         }
         (code as u8, near_int || near_split)
     }

@@ -11,7 +11,7 @@
 //! then the bucket table (`base + (offset >= step)`, 16 scalar loads — faster than `vpgatherdd`
 //! on AMD Zen 4 — clamped so every load stays in the table) with the binary search's clamps
 //! outside `[-1, 1]`. Flagging covers every value within 16 keys of a threshold, and the product
-//! `x · (1/p)` is within 4 keys of the quotient (see [`exact_codes16`]), so the codes are the
+//! `x · (1/p)` is within 4 keys of the quotient (see [`fix_flagged`]), so the codes are the
 //! division's. The last partial vector uses masked loads and stores.
 //!
 //! **Decode.** With AVX-512 VBMI (Ice Lake, Zen 4 and later), 64 codes at a time from four byte
@@ -21,7 +21,7 @@
 //! 16 registers and is looked up with eight `vpermt2ps` and a blend tree (faster than
 //! `vgatherdps`, which is slower than scalar loads on AMD cores); `vmulps` by the scale.
 
-use crate::encoder::{Encoder, Segments, Table, NEAR_KEYS, NEAR_MASK, NEAR_UNITS, OFFSET_BITS};
+use crate::encoder::{Encoder, Segments, Table, NEAR_KEYS, NEAR_MASK, NEAR_UNITS};
 use crate::simd::Normalize;
 use crate::{BytePlanes, DynamicMap};
 use core::arch::x86_64::*;
@@ -78,7 +78,11 @@ impl Kernel {
         // SAFETY: features detected (`new`); `v` holds 16 f32 and `out` 16 bytes.
         unsafe {
             let c = segment_consts(s);
-            let (code, flags) = segment_codes16(&c, _mm512_loadu_ps(v.as_ptr()));
+            let (code, flags) = if s.signed {
+                segment_codes16::<true>(&c, _mm512_loadu_ps(v.as_ptr()))
+            } else {
+                segment_codes16::<false>(&c, _mm512_loadu_ps(v.as_ptr()))
+            };
             let mut out = [0u8; 16];
             _mm_storeu_si128(out.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(code));
             (out, flags)
@@ -105,95 +109,6 @@ impl Kernel {
     }
 }
 
-/// Broadcast constants of one encode call.
-#[derive(Clone, Copy)]
-struct Consts {
-    entries: *const i32,
-    key_lo: __m512i,
-    last: __m512i,
-    shift: __m512i,
-    off_mask: __m512i,
-    sign: __m512i,
-    step_mask: __m512i,
-    one: __m512,
-    c255: __m512i,
-    p: __m512,
-    /// `1/p`, broadcast.
-    r: __m512,
-}
-
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn consts(t: &Table, p: f32) -> Consts {
-    Consts {
-        entries: t.entries.as_ptr().cast::<i32>(),
-        key_lo: _mm512_set1_epi32(t.key_lo as i32),
-        last: _mm512_set1_epi32(t.last() as i32),
-        shift: _mm512_set1_epi32(t.shift as i32),
-        off_mask: _mm512_set1_epi32(((1u32 << t.shift) - 1) as i32),
-        sign: _mm512_set1_epi32(i32::MIN),
-        step_mask: _mm512_set1_epi32(((1u32 << OFFSET_BITS) - 1) as i32),
-        one: _mm512_set1_ps(1.0),
-        c255: _mm512_set1_epi32(255),
-        p: _mm512_set1_ps(p),
-        r: _mm512_set1_ps(1.0 / p),
-    }
-}
-
-/// The bucket of each lane's key: its offset inside the bucket and the bucket's table entry (16
-/// scalar loads from stored indices: about 20 % faster than `vpgatherdd` on AMD Zen 4).
-///
-/// # Safety
-/// `c.entries` points to a table of `last + 1` entries (a [`Table`]'s).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn bucket16(c: &Consts, v: __m512) -> (__m512i, __m512i) {
-    let b = _mm512_castps_si512(v);
-    let key = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32::<31>(b), c.sign));
-    let d = _mm512_sub_epi32(key, c.key_lo);
-    let idx = _mm512_min_epu32(_mm512_srlv_epi32(d, c.shift), c.last);
-    let mut ix = [0u32; 16];
-    // SAFETY: `ix` holds 16 u32.
-    unsafe { _mm512_storeu_si512(ix.as_mut_ptr().cast(), idx) };
-    // SAFETY: every index is at most `last` (clamped above), inside the table (caller).
-    let ev: [i32; 16] = core::array::from_fn(|k| unsafe { *c.entries.add(ix[k] as usize) });
-    // SAFETY: `ev` holds 16 i32.
-    let e = unsafe { _mm512_loadu_si512(ev.as_ptr().cast()) };
-    (_mm512_and_si512(d, c.off_mask), e)
-}
-
-/// The codes of the normalized values `v` from their [`bucket16`]: `base + (off >= step)`, then
-/// the binary search's clamps outside `[-1, 1]` (above 1 → 255; below −1 and NaN → 0), narrowed
-/// to bytes.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn finish16(c: &Consts, v: __m512, off: __m512i, e: __m512i) -> __m128i {
-    let up = _mm512_cmpge_epu32_mask(off, _mm512_and_si512(e, c.step_mask));
-    let base = _mm512_srli_epi32::<OFFSET_BITS>(e);
-    let code = _mm512_mask_sub_epi32(base, up, base, _mm512_set1_epi32(-1));
-    let in_range = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_abs_ps(v), c.one);
-    let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, c.one);
-    let code = _mm512_mask_mov_epi32(_mm512_maskz_mov_epi32(in_range, code), above, c.c255);
-    _mm512_cvtepi32_epi8(code)
-}
-
-/// The 16 codes of 16 (not yet normalized) values.
-///
-/// # Safety
-/// `c.entries` points to a table of `last + 1` entries (a [`Table`]'s).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn codes16<const NORM: u8>(c: &Consts, v: __m512) -> __m128i {
-    let v = match NORM {
-        NORM_MUL => _mm512_mul_ps(v, c.p),
-        NORM_DIV => _mm512_div_ps(v, c.p),
-        _ => v,
-    };
-    // SAFETY: the caller's contract.
-    let (off, e) = unsafe { bucket16(c, v) };
-    finish16(c, v, off, e)
-}
-
 /// Broadcast tables and constants of the segment encoder ([`Segments`]).
 #[derive(Clone, Copy)]
 struct SegmentConsts {
@@ -211,7 +126,6 @@ struct SegmentConsts {
     near_keys2: __m512i,
     one: __m512i,
     c254: __m512i,
-    signed: bool,
 }
 
 #[inline]
@@ -248,15 +162,15 @@ fn segment_consts(s: &Segments) -> SegmentConsts {
         near_keys2: _mm512_set1_epi32(2 * NEAR_KEYS as i32),
         one: _mm512_set1_epi32(1),
         c254: _mm512_set1_epi32(254),
-        signed: s.signed,
     }
 }
 
 /// The codes of 16 normalized values by [`Segments`] (as i32 lanes), and the lanes flagged near
-/// a threshold or a split, whose codes must come from the exact table instead.
+/// a threshold or a split, whose codes must come from the exact table instead. `SIGNED` must be
+/// `c.signed`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn segment_codes16(c: &SegmentConsts, v: __m512) -> (__m512i, __mmask16) {
+fn segment_codes16<const SIGNED: bool>(c: &SegmentConsts, v: __m512) -> (__m512i, __mmask16) {
     let vb = _mm512_castps_si512(v);
     let ab = _mm512_and_si512(vb, c.abs);
     let a = _mm512_castsi512_ps(ab);
@@ -283,48 +197,72 @@ fn segment_codes16(c: &SegmentConsts, v: __m512) -> (__m512i, __mmask16) {
         ),
         c.near_keys2,
     );
+    // NaN and infinities are flagged by `near_int` (see `Segments`), so they need no patch here.
     let zero = _mm512_setzero_si512();
     let neg = _mm512_cmplt_epi32_mask(vb, zero);
-    let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
-    let code = if c.signed {
-        let mirrored = _mm512_mask_sub_epi32(code, neg, c.c254, code);
-        _mm512_maskz_max_epi32(ordered, mirrored, zero)
+    let code = if SIGNED {
+        _mm512_max_epi32(_mm512_mask_sub_epi32(code, neg, c.c254, code), zero)
     } else {
-        _mm512_maskz_mov_epi32(ordered & !neg, code)
+        _mm512_mask_mov_epi32(code, neg, zero)
     };
     (code, near_int | near_split)
 }
 
-/// The exact codes of 16 values: IEEE normalization (`vmulps` / `vdivps`) and the bucket table.
+/// The exact codes of the flagged lanes `flags` (bit `l`: element `l`) of `x[..]`, written over
+/// `out[l]`: the IEEE normalization (`x · p` or `x / p`) and the bucket table.
 ///
-/// This is what the segment path falls back to for flagged vectors. Its product `x · (1/p)` is
-/// `RN(x · RN(1/p))`, within 2 ulps of `RN(x / p)` (the reciprocal's relative error is at most
-/// 2⁻²⁴, less than one ulp of the quotient, plus half an ulp from each rounding), so at most 4
-/// apart in key units even across a binade boundary; every value within 16 keys of a threshold
-/// is flagged (tested), so an unflagged product has the quotient's code.
-///
-/// # Safety
-/// `c.entries` points to a table of `last + 1` entries (a [`Table`]'s).
+/// This is what the segment path falls back to. Its product `x · (1/p)` is `RN(x · RN(1/p))`,
+/// within 2 ulps of `RN(x / p)` (the reciprocal's relative error is at most 2⁻²⁴, less than one
+/// ulp of the quotient, plus half an ulp from each rounding), so at most 4 apart in key units
+/// even across a binade boundary; every value within 8 keys of a threshold is flagged (tested),
+/// so an unflagged product has the quotient's code.
 #[cold]
 #[inline(never)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn exact_codes16<const NORM: u8>(c: &Consts, x: __m512) -> __m128i {
-    // SAFETY: the caller's contract.
-    unsafe { codes16::<NORM>(c, x) }
+fn fix_flagged<const NORM: u8>(t: &Table, x: &[f32], p: f32, mut flags: u64, out: &mut [u8]) {
+    while flags != 0 {
+        let l = flags.trailing_zeros() as usize;
+        flags &= flags - 1;
+        let v = match NORM {
+            NORM_MUL => x[l] * p,
+            NORM_DIV => x[l] / p,
+            _ => x[l],
+        };
+        out[l] = t.code(v);
+    }
 }
 
 /// # Safety
 /// AVX-512 F, BW and VL are available; `out.len() == x.len()`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn encode<const NORM: u8>(t: &Table, s: &Segments, x: &[f32], p: f32, out: &mut [u8]) {
-    let c = consts(t, p);
+    // SAFETY: the caller's contract.
+    unsafe {
+        if s.signed {
+            encode_segments::<NORM, true>(t, s, x, p, out)
+        } else {
+            encode_segments::<NORM, false>(t, s, x, p, out)
+        }
+    }
+}
+
+/// # Safety
+/// AVX-512 F, BW and VL are available; `out.len() == x.len()`; `SIGNED == s.signed`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn encode_segments<const NORM: u8, const SIGNED: bool>(
+    t: &Table,
+    s: &Segments,
+    x: &[f32],
+    p: f32,
+    out: &mut [u8],
+) {
     let sc = segment_consts(s);
-    // `x / p` as `x · (1/p)` when both are normal (see `exact_codes16`).
+    let (pv, rv) = (_mm512_set1_ps(p), _mm512_set1_ps(1.0 / p));
+    // `x / p` as `x · (1/p)` when both are normal (see `fix_flagged`).
     let reciprocal = NORM == NORM_DIV && p.is_normal() && (1.0 / p).is_normal();
     let normalize = |v: __m512| match NORM {
-        NORM_MUL => _mm512_mul_ps(v, c.p),
-        NORM_DIV if reciprocal => _mm512_mul_ps(v, c.r),
-        NORM_DIV => _mm512_div_ps(v, c.p),
+        NORM_MUL => _mm512_mul_ps(v, pv),
+        NORM_DIV if reciprocal => _mm512_mul_ps(v, rv),
+        NORM_DIV => _mm512_div_ps(v, pv),
         _ => v,
     };
     let n = x.len();
@@ -334,48 +272,38 @@ unsafe fn encode<const NORM: u8>(t: &Table, s: &Segments, x: &[f32], p: f32, out
     let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     let mut i = 0;
     while i + 64 <= n {
-        // SAFETY: elements i .. i+64 lie inside `x` and `out` (equal lengths); the table is
-        // `t`'s (for the exact path).
+        // SAFETY: elements i .. i+64 lie inside `x` and `out` (equal lengths).
         unsafe {
-            let xv: [__m512; 4] = core::array::from_fn(|k| _mm512_loadu_ps(src.add(i + 16 * k)));
-            let mut codes = [_mm512_setzero_si512(); 4];
-            let mut flags = [0u16; 4];
-            for k in 0..4 {
-                (codes[k], flags[k]) = segment_codes16(&sc, normalize(xv[k]));
-            }
-            if flags.iter().any(|&f| f != 0) {
-                for k in 0..4 {
-                    if flags[k] != 0 {
-                        codes[k] = _mm512_cvtepu8_epi32(exact_codes16::<NORM>(&c, xv[k]));
-                    }
-                }
-            }
+            let code = |k: usize| {
+                segment_codes16::<SIGNED>(&sc, normalize(_mm512_loadu_ps(src.add(i + 16 * k))))
+            };
+            let ((c0, f0), (c1, f1), (c2, f2), (c3, f3)) = (code(0), code(1), code(2), code(3));
             // Codes are 0..=255: unsigned saturation keeps them.
-            let ab = _mm512_packus_epi32(codes[0], codes[1]);
-            let cd = _mm512_packus_epi32(codes[2], codes[3]);
-            let bytes = _mm512_permutexvar_epi32(order, _mm512_packus_epi16(ab, cd));
+            let lo = _mm512_packus_epi32(c0, c1);
+            let hi = _mm512_packus_epi32(c2, c3);
+            let bytes = _mm512_permutexvar_epi32(order, _mm512_packus_epi16(lo, hi));
             _mm512_storeu_si512(dst.add(i).cast(), bytes);
+            let flags =
+                u64::from(f0) | u64::from(f1) << 16 | u64::from(f2) << 32 | u64::from(f3) << 48;
+            if flags != 0 {
+                fix_flagged::<NORM>(t, &x[i..i + 64], p, flags, &mut out[i..i + 64]);
+            }
         }
         i += 64;
     }
     while i < n {
-        let m: __mmask16 = if n - i >= 16 {
-            0xffff
-        } else {
-            ((1u32 << (n - i)) - 1) as u16
+        let len = (n - i).min(16);
+        let m = ((1u32 << len) - 1) as u16;
+        // SAFETY: the masked load and store touch only the `len` elements from `i`, inside `x`
+        // and `out` (equal lengths); masked-off lanes load 0.0 and are not stored.
+        let flags = unsafe {
+            let v = normalize(_mm512_maskz_loadu_ps(m, src.add(i)));
+            let (code, flags) = segment_codes16::<SIGNED>(&sc, v);
+            _mm_mask_storeu_epi8(dst.add(i).cast(), m, _mm512_cvtepi32_epi8(code));
+            flags & m
         };
-        // SAFETY: the masked load and store touch only the `min(16, n - i)` elements from `i`,
-        // inside `x` and `out` (equal lengths); masked-off lanes load 0.0 and are not stored.
-        // The table is `t`'s (for the exact path).
-        unsafe {
-            let xv = _mm512_maskz_loadu_ps(m, src.add(i));
-            let (code, flagged) = segment_codes16(&sc, normalize(xv));
-            let codes = if flagged == 0 {
-                _mm512_cvtepi32_epi8(code)
-            } else {
-                exact_codes16::<NORM>(&c, xv)
-            };
-            _mm_mask_storeu_epi8(dst.add(i).cast(), m, codes);
+        if flags != 0 {
+            fix_flagged::<NORM>(t, &x[i..i + len], p, u64::from(flags), &mut out[i..i + len]);
         }
         i += 16;
     }
@@ -514,20 +442,25 @@ mod tests {
         for enc in encoders() {
             let flagged = std::sync::atomic::AtomicU64::new(0);
             every_f32_up_to_2(|vectors| {
-                // SAFETY: AVX-512 F, BW and VL were detected above; the table is the encoder's.
+                // SAFETY: AVX-512 F, BW and VL were detected above.
                 unsafe {
-                    let c = consts(enc.table(), 1.0);
                     let sc = segment_consts(enc.segments());
                     let mut count = 0u64;
                     for v in vectors {
-                        let (code, f) = segment_codes16(&sc, v);
-                        let exact = _mm512_cvtepu8_epi32(codes16::<NORM_NONE>(&c, v));
-                        let wrong = _mm512_cmpneq_epi32_mask(code, exact) & !f;
-                        if wrong != 0 {
-                            let mut x = [0f32; 16];
-                            _mm512_storeu_ps(x.as_mut_ptr(), v);
-                            let l = wrong.trailing_zeros() as usize;
-                            panic!("x = {:e} ({:#010x})", x[l], x[l].to_bits());
+                        let (code, f) = if enc.segments().signed {
+                            segment_codes16::<true>(&sc, v)
+                        } else {
+                            segment_codes16::<false>(&sc, v)
+                        };
+                        let mut x = [0f32; 16];
+                        let mut codes = [0i32; 16];
+                        _mm512_storeu_ps(x.as_mut_ptr(), v);
+                        _mm512_storeu_si512(codes.as_mut_ptr().cast(), code);
+                        for l in 0..16 {
+                            if f >> l & 1 == 0 {
+                                let exact = enc.table().code(x[l]);
+                                assert_eq!(codes[l], i32::from(exact), "x = {:e}", x[l]);
+                            }
                         }
                         count += u64::from(f.count_ones());
                     }
