@@ -416,6 +416,54 @@ impl Encoder {
         );
         Implementation::active().encode_divided(self, values, divisor, out);
     }
+
+    /// [`encode_divided`](Self::encode_divided) block by block: block `j` (elements
+    /// `j·size .. (j+1)·size`, the last one possibly shorter) is divided by `divisors[j]`. One
+    /// call for many blocks (bitsandbytes' 8-bit optimizers re-quantize blocks of 256, each with
+    /// its fresh absmax) saves the per-call set-up of the SIMD kernels.
+    ///
+    /// ```
+    /// use qlora_double_quant::Encoder;
+    ///
+    /// let enc = Encoder::signed();
+    /// let x = [0.5f32, -1.0, 2.0, 4.0, -1.0];
+    /// let mut codes = [0u8; 5];
+    /// enc.encode_blocks_divided(&x, 2, &[1.0, 4.0, 1.0], &mut codes);
+    /// let mut expected = [0u8; 5];
+    /// enc.encode_divided(&x[..2], 1.0, &mut expected[..2]);
+    /// enc.encode_divided(&x[2..4], 4.0, &mut expected[2..4]);
+    /// enc.encode_divided(&x[4..], 1.0, &mut expected[4..]);
+    /// assert_eq!(codes, expected);
+    /// ```
+    ///
+    /// # Panics
+    /// If `size` is 0, `divisors.len()` is not the number of blocks (`values.len().div_ceil(size)`)
+    /// or `out` is shorter than `values`.
+    pub fn encode_blocks_divided(
+        &self,
+        values: &[f32],
+        size: usize,
+        divisors: &[f32],
+        out: &mut [u8],
+    ) {
+        Implementation::active().encode_blocks_divided(self, values, size, divisors, out);
+    }
+
+    /// [`encode_scaled`](Self::encode_scaled) block by block: block `j` of `size` elements is
+    /// multiplied by `scales[j]` (see [`encode_blocks_divided`](Self::encode_blocks_divided)).
+    ///
+    /// # Panics
+    /// If `size` is 0, `scales.len()` is not the number of blocks or `out` is shorter than
+    /// `values`.
+    pub fn encode_blocks_scaled(
+        &self,
+        values: &[f32],
+        size: usize,
+        scales: &[f32],
+        out: &mut [u8],
+    ) {
+        Implementation::active().encode_blocks_scaled(self, values, size, scales, out);
+    }
 }
 
 #[cfg(test)]

@@ -253,6 +253,26 @@ impl DynamicMap {
         Implementation::active().decode_scaled(self, codes, scale, out);
     }
 
+    /// [`decode_scaled`](Self::decode_scaled) block by block: the codes of block `j` (elements
+    /// `j·size .. (j+1)·size`, the last one possibly shorter) are scaled by `scales[j]`, in one
+    /// call (the SIMD tables are set up once).
+    ///
+    /// ```
+    /// use qlora_double_quant::DynamicMap;
+    ///
+    /// let map = DynamicMap::signed();
+    /// let mut out = [0.0f32; 3];
+    /// map.decode_blocks_scaled(&[255, 255, 127], 2, &[2.0, 3.0], &mut out);
+    /// assert_eq!(out, [2.0, 2.0, 0.0]);
+    /// ```
+    ///
+    /// # Panics
+    /// If `size` is 0, `scales.len()` is not the number of blocks (`codes.len().div_ceil(size)`)
+    /// or `out` is shorter than `codes`.
+    pub fn decode_blocks_scaled(&self, codes: &[u8], size: usize, scales: &[f32], out: &mut [f32]) {
+        Implementation::active().decode_blocks_scaled(self, codes, size, scales, out);
+    }
+
     /// The code of a normalized value `xn` (normally in `[-1, 1]`), exactly as bitsandbytes' CUDA
     /// kernels choose it.
     ///
@@ -402,15 +422,7 @@ pub fn dequantize_blockwise(
     check_blocksize(blocksize)?;
     check_len("out", codes.len(), out.len())?;
     check_len("absmax", num_blocks(codes.len(), blocksize), absmax.len())?;
-    for ((o, c), &a) in out
-        .chunks_mut(blocksize)
-        .zip(codes.chunks(blocksize))
-        .zip(absmax)
-    {
-        for (o, &c) in o.iter_mut().zip(c) {
-            *o = map.decode(c) * a;
-        }
-    }
+    map.decode_blocks_scaled(codes, blocksize, absmax, out);
     Ok(())
 }
 

@@ -139,14 +139,51 @@ impl Implementation {
         })
     }
 
-    fn encode(self, enc: &Encoder, x: &[f32], how: Normalize, p: f32, out: &mut [u8]) {
+    /// `out[i] = enc.encode(normalize(x[i], ps[i / size]))`.
+    fn encode(
+        self,
+        enc: &Encoder,
+        x: &[f32],
+        how: Normalize,
+        size: usize,
+        ps: &[f32],
+        out: &mut [u8],
+    ) {
         assert!(out.len() >= x.len(), "encode: output shorter than input");
         let out = &mut out[..x.len()];
-        dispatch!(self, k => k.encode(enc, x, how, p, out), match how {
-            Normalize::None => scalar_encode(enc, x, out, |v| v),
-            Normalize::Mul => scalar_encode(enc, x, out, |v| v * p),
-            Normalize::Div => scalar_encode(enc, x, out, |v| v / p),
+        dispatch!(self, k => k.encode(enc, x, how, size, ps, out), {
+            for ((x, out), &p) in x.chunks(size).zip(out.chunks_mut(size)).zip(ps) {
+                match how {
+                    Normalize::None => scalar_encode(enc, x, out, |v| v),
+                    Normalize::Mul => scalar_encode(enc, x, out, |v| v * p),
+                    Normalize::Div => scalar_encode(enc, x, out, |v| v / p),
+                }
+            }
         })
+    }
+
+    /// [`encode`](Self::encode) with one `p` for the whole slice.
+    fn encode_one(self, enc: &Encoder, x: &[f32], how: Normalize, p: f32, out: &mut [u8]) {
+        self.encode(enc, x, how, x.len().max(1), &[p], out)
+    }
+
+    /// [`encode`](Self::encode) by blocks of `size`, checking that there is one `p` per block.
+    fn encode_blocks(
+        self,
+        enc: &Encoder,
+        x: &[f32],
+        how: Normalize,
+        size: usize,
+        ps: &[f32],
+        out: &mut [u8],
+    ) {
+        assert!(size > 0, "block size 0");
+        assert_eq!(
+            ps.len(),
+            x.len().div_ceil(size),
+            "one divisor or scale per block"
+        );
+        self.encode(enc, x, how, size, ps, out)
     }
 
     /// [`Encoder::encode_slice`] with this implementation.
@@ -155,7 +192,7 @@ impl Implementation {
     /// If `out` is shorter than `xn`, or the implementation is not
     /// [available](Self::is_available) here.
     pub fn encode_slice(self, enc: &Encoder, xn: &[f32], out: &mut [u8]) {
-        self.encode(enc, xn, Normalize::None, 1.0, out)
+        self.encode_one(enc, xn, Normalize::None, 1.0, out)
     }
 
     /// [`Encoder::encode_scaled`] with this implementation.
@@ -164,7 +201,7 @@ impl Implementation {
     /// If `out` is shorter than `values`, or the implementation is not
     /// [available](Self::is_available) here.
     pub fn encode_scaled(self, enc: &Encoder, values: &[f32], scale: f32, out: &mut [u8]) {
-        self.encode(enc, values, Normalize::Mul, scale, out)
+        self.encode_one(enc, values, Normalize::Mul, scale, out)
     }
 
     /// [`Encoder::encode_divided`] with this implementation.
@@ -173,7 +210,39 @@ impl Implementation {
     /// If `out` is shorter than `values`, or the implementation is not
     /// [available](Self::is_available) here.
     pub fn encode_divided(self, enc: &Encoder, values: &[f32], divisor: f32, out: &mut [u8]) {
-        self.encode(enc, values, Normalize::Div, divisor, out)
+        self.encode_one(enc, values, Normalize::Div, divisor, out)
+    }
+
+    /// [`Encoder::encode_blocks_divided`] with this implementation.
+    ///
+    /// # Panics
+    /// If `size` is 0, `divisors` does not hold one divisor per block, `out` is shorter than
+    /// `values`, or the implementation is not [available](Self::is_available) here.
+    pub fn encode_blocks_divided(
+        self,
+        enc: &Encoder,
+        values: &[f32],
+        size: usize,
+        divisors: &[f32],
+        out: &mut [u8],
+    ) {
+        self.encode_blocks(enc, values, Normalize::Div, size, divisors, out)
+    }
+
+    /// [`Encoder::encode_blocks_scaled`] with this implementation.
+    ///
+    /// # Panics
+    /// If `size` is 0, `scales` does not hold one scale per block, `out` is shorter than
+    /// `values`, or the implementation is not [available](Self::is_available) here.
+    pub fn encode_blocks_scaled(
+        self,
+        enc: &Encoder,
+        values: &[f32],
+        size: usize,
+        scales: &[f32],
+        out: &mut [u8],
+    ) {
+        self.encode_blocks(enc, values, Normalize::Mul, size, scales, out)
     }
 
     /// [`DynamicMap::decode_scaled`] with this implementation.
@@ -182,14 +251,42 @@ impl Implementation {
     /// If `out` is shorter than `codes`, or the implementation is not
     /// [available](Self::is_available) here.
     pub fn decode_scaled(self, map: &DynamicMap, codes: &[u8], scale: f32, out: &mut [f32]) {
+        self.decode(map, codes, codes.len().max(1), &[scale], out)
+    }
+
+    /// [`DynamicMap::decode_blocks_scaled`] with this implementation.
+    ///
+    /// # Panics
+    /// If `size` is 0, `scales` does not hold one scale per block, `out` is shorter than
+    /// `codes`, or the implementation is not [available](Self::is_available) here.
+    pub fn decode_blocks_scaled(
+        self,
+        map: &DynamicMap,
+        codes: &[u8],
+        size: usize,
+        scales: &[f32],
+        out: &mut [f32],
+    ) {
+        assert!(size > 0, "block size 0");
+        assert_eq!(
+            scales.len(),
+            codes.len().div_ceil(size),
+            "one scale per block"
+        );
+        self.decode(map, codes, size, scales, out)
+    }
+
+    fn decode(self, map: &DynamicMap, codes: &[u8], size: usize, scales: &[f32], out: &mut [f32]) {
         assert!(
             out.len() >= codes.len(),
             "decode_scaled: output shorter than input"
         );
         let out = &mut out[..codes.len()];
-        dispatch!(self, k => k.decode_scaled(map, codes, scale, out), {
-            for (o, &c) in out.iter_mut().zip(codes) {
-                *o = map.values()[c as usize] * scale;
+        dispatch!(self, k => k.decode_scaled(map, codes, size, scales, out), {
+            for ((codes, out), &scale) in codes.chunks(size).zip(out.chunks_mut(size)).zip(scales) {
+                for (o, &c) in out.iter_mut().zip(codes) {
+                    *o = map.values()[c as usize] * scale;
+                }
             }
         })
     }

@@ -252,19 +252,6 @@ fn encode_divided_is_exact_around_every_threshold() {
     }
 }
 
-/// The AVX-512 `encode_divided` skips its bucket-edge check for products below 2⁻³⁰ in
-/// magnitude (`TINY`), relying on every decision threshold lying far above that.
-#[test]
-fn every_threshold_is_far_from_zero() {
-    for (map, _) in maps() {
-        let v = map.values();
-        for k in 0..255 {
-            let mid = (v[k] + v[k + 1]) * 0.5;
-            assert!(mid.abs() > 2.0f32.powi(-26), "threshold {k}: {mid:e}");
-        }
-    }
-}
-
 fn same(a: f32, b: f32) -> bool {
     a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
 }
@@ -340,6 +327,62 @@ fn short_output_panics() {
 }
 
 #[test]
+#[should_panic(expected = "one divisor or scale per block")]
+fn a_missing_block_divisor_panics() {
+    let mut out = [0u8; 5];
+    Encoder::signed().encode_blocks_divided(&[0.0; 5], 2, &[1.0, 1.0], &mut out);
+}
+
+#[test]
+#[should_panic(expected = "one scale per block")]
+fn an_extra_block_scale_panics() {
+    let mut out = [0f32; 4];
+    DynamicMap::unsigned().decode_blocks_scaled(&[0; 4], 2, &[1.0, 1.0, 1.0], &mut out);
+}
+
+#[test]
+#[should_panic(expected = "block size 0")]
+fn block_size_zero_panics() {
+    let mut out = [0u8; 4];
+    Encoder::signed().encode_blocks_scaled(&[0.0; 4], 0, &[], &mut out);
+}
+
+/// Block forms on optimizer-sized data: 256-element blocks with a wide range of divisors, the
+/// last block partial, values spread over each block's `[-p, p]`.
+#[test]
+fn block_forms_equal_the_binary_search_on_optimizer_blocks() {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let n: usize = 256 * 37 + 77;
+    let blocks = n.div_ceil(256);
+    let p: Vec<f32> = (0..blocks)
+        .map(|j| 10f32.powi(j as i32 % 12 - 8) * (0.5 + next()))
+        .collect();
+    let x: Vec<f32> = (0..n)
+        .map(|i| p[i / 256] * (2.0 * next() - 1.0) * next().powi(3))
+        .collect();
+    for imp in Implementation::available() {
+        for (map, enc) in maps() {
+            let mut codes = vec![0u8; n];
+            imp.encode_blocks_divided(enc, &x, 256, &p, &mut codes);
+            for (i, (&v, &c)) in x.iter().zip(&codes).enumerate() {
+                assert_eq!(c, map.encode(v / p[i / 256]), "{imp} [{i}] x = {}", hex(v));
+            }
+            let mut back = vec![0f32; n];
+            imp.decode_blocks_scaled(map, &codes, 256, &p, &mut back);
+            for (i, (&c, &o)) in codes.iter().zip(&back).enumerate() {
+                assert!(same(o, map.decode(c) * p[i / 256]), "{imp} [{i}]");
+            }
+        }
+    }
+}
+
+#[test]
 #[should_panic(expected = "output shorter than input")]
 fn short_output_panics_for_every_implementation() {
     let imp = Implementation::best();
@@ -374,6 +417,33 @@ proptest! {
                     for (&v, &c) in x.iter().zip(&out) {
                         prop_assert_eq!(c, map.encode(v / p), "{} x = {}", imp, hex(v));
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn block_forms_equal_the_binary_search(
+        x in prop::collection::vec(prop_oneof![any::<f32>(), -4.0f32..4.0], 0..300),
+        size in prop_oneof![1usize..80, Just(64usize), Just(128), Just(256)],
+        ps in prop::collection::vec(prop_oneof![any::<f32>(), 0.25f32..4.0, -4.0f32..-0.25], 300),
+    ) {
+        let ps = &ps[..x.len().div_ceil(size)];
+        for imp in Implementation::available() {
+            for (map, enc) in maps() {
+                let mut out = vec![0u8; x.len()];
+                imp.encode_blocks_divided(enc, &x, size, ps, &mut out);
+                for (i, (&v, &c)) in x.iter().zip(&out).enumerate() {
+                    prop_assert_eq!(c, map.encode(v / ps[i / size]), "{} x = {}", imp, hex(v));
+                }
+                imp.encode_blocks_scaled(enc, &x, size, ps, &mut out);
+                for (i, (&v, &c)) in x.iter().zip(&out).enumerate() {
+                    prop_assert_eq!(c, map.encode(v * ps[i / size]), "{} x = {}", imp, hex(v));
+                }
+                let mut back = vec![0f32; x.len()];
+                imp.decode_blocks_scaled(map, &out, size, ps, &mut back);
+                for (i, (&c, &o)) in out.iter().zip(&back).enumerate() {
+                    prop_assert!(same(o, map.values()[c as usize] * ps[i / size]), "{} [{}]", imp, i);
                 }
             }
         }

@@ -35,27 +35,47 @@ impl Kernel {
         })
     }
 
-    /// `out[i] = code(normalize(x[i]))`.
-    pub(crate) fn encode(self, enc: &Encoder, x: &[f32], how: Normalize, p: f32, out: &mut [u8]) {
+    /// `out[i] = code(normalize(x[i], p))` with `p = ps[i / size]`.
+    pub(crate) fn encode(
+        self,
+        enc: &Encoder,
+        x: &[f32],
+        how: Normalize,
+        size: usize,
+        ps: &[f32],
+        out: &mut [u8],
+    ) {
         let t = enc.table();
         assert_eq!(out.len(), x.len(), "encode: output length");
-        // SAFETY: `self` exists only after NEON was detected (`new`); `out` and `x` have the same
-        // length (asserted), which is all the kernel's pointer accesses rely on.
-        unsafe {
-            match how {
-                Normalize::None => encode::<NORM_NONE>(t, x, p, out),
-                Normalize::Mul => encode::<NORM_MUL>(t, x, p, out),
-                Normalize::Div => encode::<NORM_DIV>(t, x, p, out),
+        for ((x, out), &p) in x.chunks(size).zip(out.chunks_mut(size)).zip(ps) {
+            // SAFETY: `self` exists only after NEON was detected (`new`); `out` and `x` have the
+            // same length (asserted, and chunked alike), which is all the kernel's pointer
+            // accesses rely on.
+            unsafe {
+                match how {
+                    Normalize::None => encode::<NORM_NONE>(t, x, p, out),
+                    Normalize::Mul => encode::<NORM_MUL>(t, x, p, out),
+                    Normalize::Div => encode::<NORM_DIV>(t, x, p, out),
+                }
             }
         }
     }
 
-    /// `out[i] = values[codes[i]] * scale`.
-    pub(crate) fn decode_scaled(self, map: &DynamicMap, codes: &[u8], scale: f32, out: &mut [f32]) {
+    /// `out[i] = values[codes[i]] * scales[i / size]`.
+    pub(crate) fn decode_scaled(
+        self,
+        map: &DynamicMap,
+        codes: &[u8],
+        size: usize,
+        scales: &[f32],
+        out: &mut [f32],
+    ) {
         assert_eq!(out.len(), codes.len(), "decode: output length");
         let values = map.values();
-        // SAFETY: NEON detected (`new`); equal lengths asserted.
-        unsafe { decode_scaled(values, codes, scale, out) }
+        for ((codes, out), &scale) in codes.chunks(size).zip(out.chunks_mut(size)).zip(scales) {
+            // SAFETY: NEON detected (`new`); equal lengths asserted (and chunked alike).
+            unsafe { decode_scaled(values, codes, scale, out) }
+        }
     }
 }
 

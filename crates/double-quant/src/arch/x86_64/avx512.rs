@@ -56,17 +56,25 @@ impl Kernel {
         })
     }
 
-    /// `out[i] = code(normalize(x[i]))`.
-    pub(crate) fn encode(self, enc: &Encoder, x: &[f32], how: Normalize, p: f32, out: &mut [u8]) {
+    /// `out[i] = code(normalize(x[i], p))` with `p = ps[i / size]`.
+    pub(crate) fn encode(
+        self,
+        enc: &Encoder,
+        x: &[f32],
+        how: Normalize,
+        size: usize,
+        ps: &[f32],
+        out: &mut [u8],
+    ) {
         assert_eq!(out.len(), x.len(), "encode: output length");
         let (t, s) = (enc.table(), enc.segments());
         // SAFETY: `self` exists only after AVX-512 F, BW and VL were detected (`new`); `out` and
         // `x` have the same length (asserted), which is all the kernel's pointer accesses rely on.
         unsafe {
             match how {
-                Normalize::None => encode::<NORM_NONE>(t, s, x, p, out),
-                Normalize::Mul => encode::<NORM_MUL>(t, s, x, p, out),
-                Normalize::Div => encode::<NORM_DIV>(t, s, x, p, out),
+                Normalize::None => encode::<NORM_NONE>(t, s, x, size, ps, out),
+                Normalize::Mul => encode::<NORM_MUL>(t, s, x, size, ps, out),
+                Normalize::Div => encode::<NORM_DIV>(t, s, x, size, ps, out),
             }
         }
     }
@@ -89,23 +97,45 @@ impl Kernel {
         }
     }
 
-    /// `out[i] = values[codes[i]] * scale`.
-    pub(crate) fn decode_scaled(self, map: &DynamicMap, codes: &[u8], scale: f32, out: &mut [f32]) {
+    /// `out[i] = values[codes[i]] * scales[i / size]`.
+    pub(crate) fn decode_scaled(
+        self,
+        map: &DynamicMap,
+        codes: &[u8],
+        size: usize,
+        scales: &[f32],
+        out: &mut [f32],
+    ) {
         assert_eq!(out.len(), codes.len(), "decode: output length");
-        let (codes, out) = if self.vbmi {
+        if self.vbmi && size.is_multiple_of(64) {
             let whole = codes.len() / 64 * 64;
             let (c64, c_rest) = codes.split_at(whole);
             let (o64, o_rest) = out.split_at_mut(whole);
             // SAFETY: AVX-512 F, BW, VL and VBMI were detected (`new`); `c64` and `o64` both hold
-            // `whole` elements, a multiple of 64.
-            unsafe { decode_planes(map.byte_planes(), c64, scale, o64) };
-            (c_rest, o_rest)
-        } else {
-            (codes, out)
-        };
-        // SAFETY: features detected (`new`); equal lengths (asserted, and split at the same
-        // index); `values` holds 256 entries, so every u8 code indexes inside it.
-        unsafe { decode_scaled(map.values(), codes, scale, out) }
+            // `whole` elements, a multiple of 64 (and `size` is one too).
+            unsafe { decode_planes(map.byte_planes(), c64, size, scales, o64) };
+            if let Some(&scale) = scales.get(whole / size) {
+                // SAFETY: as below; the rest lies inside the block `whole / size`.
+                unsafe { decode_scaled(map.values(), c_rest, scale, o_rest) }
+            }
+            return;
+        }
+        for ((codes, out), &scale) in codes.chunks(size).zip(out.chunks_mut(size)).zip(scales) {
+            let (codes, out) = if self.vbmi {
+                let whole = codes.len() / 64 * 64;
+                let (c64, c_rest) = codes.split_at(whole);
+                let (o64, o_rest) = out.split_at_mut(whole);
+                // SAFETY: AVX-512 F, BW, VL and VBMI were detected (`new`); `c64` and `o64` both
+                // hold `whole` elements, a multiple of 64, all in one block of that size.
+                unsafe { decode_planes(map.byte_planes(), c64, whole.max(64), &[scale], o64) };
+                (c_rest, o_rest)
+            } else {
+                (codes, out)
+            };
+            // SAFETY: features detected (`new`); equal lengths (asserted, chunked and split
+            // alike); `values` holds 256 entries, so every u8 code indexes inside it.
+            unsafe { decode_scaled(map.values(), codes, scale, out) }
+        }
     }
 }
 
@@ -234,28 +264,39 @@ fn fix_flagged<const NORM: u8>(t: &Table, x: &[f32], p: f32, mut flags: u64, out
 /// # Safety
 /// AVX-512 F, BW and VL are available; `out.len() == x.len()`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn encode<const NORM: u8>(t: &Table, s: &Segments, x: &[f32], p: f32, out: &mut [u8]) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        if s.signed {
-            encode_segments::<NORM, true>(t, s, x, p, out)
-        } else {
-            encode_segments::<NORM, false>(t, s, x, p, out)
+unsafe fn encode<const NORM: u8>(
+    t: &Table,
+    s: &Segments,
+    x: &[f32],
+    size: usize,
+    ps: &[f32],
+    out: &mut [u8],
+) {
+    let sc = segment_consts(s);
+    for ((x, out), &p) in x.chunks(size).zip(out.chunks_mut(size)).zip(ps) {
+        // SAFETY: the caller's contract (chunked alike, so the lengths stay equal).
+        unsafe {
+            if s.signed {
+                encode_segments::<NORM, true>(t, &sc, x, p, out)
+            } else {
+                encode_segments::<NORM, false>(t, &sc, x, p, out)
+            }
         }
     }
 }
 
 /// # Safety
-/// AVX-512 F, BW and VL are available; `out.len() == x.len()`; `SIGNED == s.signed`.
+/// AVX-512 F, BW and VL are available; `out.len() == x.len()`; `sc` are the constants of the
+/// segments of `t`'s encoder and `SIGNED` is their signedness.
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn encode_segments<const NORM: u8, const SIGNED: bool>(
     t: &Table,
-    s: &Segments,
+    sc: &SegmentConsts,
     x: &[f32],
     p: f32,
     out: &mut [u8],
 ) {
-    let sc = segment_consts(s);
     let (pv, rv) = (_mm512_set1_ps(p), _mm512_set1_ps(1.0 / p));
     // `x / p` as `x · (1/p)` when both are normal (see `fix_flagged`).
     let reciprocal = NORM == NORM_DIV && p.is_normal() && (1.0 / p).is_normal();
@@ -275,7 +316,7 @@ unsafe fn encode_segments<const NORM: u8, const SIGNED: bool>(
         // SAFETY: elements i .. i+64 lie inside `x` and `out` (equal lengths).
         unsafe {
             let code = |k: usize| {
-                segment_codes16::<SIGNED>(&sc, normalize(_mm512_loadu_ps(src.add(i + 16 * k))))
+                segment_codes16::<SIGNED>(sc, normalize(_mm512_loadu_ps(src.add(i + 16 * k))))
             };
             let ((c0, f0), (c1, f1), (c2, f2), (c3, f3)) = (code(0), code(1), code(2), code(3));
             // Codes are 0..=255: unsigned saturation keeps them.
@@ -298,7 +339,7 @@ unsafe fn encode_segments<const NORM: u8, const SIGNED: bool>(
         // and `out` (equal lengths); masked-off lanes load 0.0 and are not stored.
         let flags = unsafe {
             let v = normalize(_mm512_maskz_loadu_ps(m, src.add(i)));
-            let (code, flags) = segment_codes16::<SIGNED>(&sc, v);
+            let (code, flags) = segment_codes16::<SIGNED>(sc, v);
             _mm_mask_storeu_epi8(dst.add(i).cast(), m, _mm512_cvtepi32_epi8(code));
             flags & m
         };
@@ -317,11 +358,19 @@ unsafe fn encode_segments<const NORM: u8, const SIGNED: bool>(
 /// `k`, the elements `16L + 4k ..` of the input order; the codes are permuted beforehand (a 4×4
 /// transpose of 4-byte groups) so that the outputs come out in order.
 ///
+/// Block `j` of `size` codes is scaled by `scales[j]`.
+///
 /// # Safety
-/// AVX-512 F, BW, VL and VBMI are available; `codes.len() == out.len()`, a multiple of 64.
+/// AVX-512 F, BW, VL and VBMI are available; `codes.len() == out.len()`, a multiple of 64, and
+/// `size` a multiple of 64 with `scales` holding one scale per started block.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-unsafe fn decode_planes(planes: &BytePlanes, codes: &[u8], scale: f32, out: &mut [f32]) {
-    let s = _mm512_set1_ps(scale);
+unsafe fn decode_planes(
+    planes: &BytePlanes,
+    codes: &[u8],
+    size: usize,
+    scales: &[f32],
+    out: &mut [f32],
+) {
     let t: [[__m512i; 4]; 4] = core::array::from_fn(|k| {
         core::array::from_fn(|q| {
             // SAFETY: each plane holds 256 bytes: four 64-byte loads at 64·q, q < 4.
@@ -331,7 +380,13 @@ unsafe fn decode_planes(planes: &BytePlanes, codes: &[u8], scale: f32, out: &mut
     let transpose = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     let (src, dst) = (codes.as_ptr(), out.as_mut_ptr());
     let mut i = 0;
+    let (mut s, mut block, mut block_end) = (_mm512_setzero_ps(), 0, 0);
     while i + 64 <= codes.len() {
+        if i == block_end {
+            s = _mm512_set1_ps(scales[block]);
+            block += 1;
+            block_end += size;
+        }
         // SAFETY: codes i .. i+64 and outputs i .. i+64 are in bounds (equal lengths).
         unsafe {
             let c = _mm512_permutexvar_epi32(transpose, _mm512_loadu_si512(src.add(i).cast()));
