@@ -326,6 +326,33 @@ fn short_output_panics() {
     Encoder::signed().encode_scaled(&[0.0; 4], 1.0, &mut out);
 }
 
+/// NaN quotients take the vector path (code 0) instead of the one-by-one exact path; a block of
+/// zeros divided by its zero absmax is all NaN.
+#[test]
+fn nan_quotients_and_zero_divisors_give_the_binary_search_codes() {
+    let mut x = vec![0.0f32; 300];
+    for (i, v) in x.iter_mut().enumerate().skip(200) {
+        *v = match i % 5 {
+            0 => f32::NAN,
+            1 => -0.0,
+            2 => 0.25,
+            3 => -1e-30,
+            _ => f32::INFINITY,
+        };
+    }
+    for imp in Implementation::available() {
+        for (map, enc) in maps() {
+            for d in [0.0f32, -0.0, 1.0, f32::INFINITY, f32::NAN] {
+                let mut out = vec![7u8; x.len()];
+                imp.encode_divided(enc, &x, d, &mut out);
+                for (i, (&v, &c)) in x.iter().zip(&out).enumerate() {
+                    assert_eq!(c, map.encode(v / d), "{imp} [{i}] {v} / {d}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 #[should_panic(expected = "one divisor or scale per block")]
 fn a_missing_block_divisor_panics() {

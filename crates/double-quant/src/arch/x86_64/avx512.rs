@@ -315,10 +315,14 @@ unsafe fn encode_segments<const NORM: u8, const SIGNED: bool>(
     while i + 64 <= n {
         // SAFETY: elements i .. i+64 lie inside `x` and `out` (equal lengths).
         unsafe {
-            let code = |k: usize| {
-                segment_codes16::<SIGNED>(sc, normalize(_mm512_loadu_ps(src.add(i + 16 * k))))
-            };
-            let ((c0, f0), (c1, f1), (c2, f2), (c3, f3)) = (code(0), code(1), code(2), code(3));
+            let v: [__m512; 4] =
+                core::array::from_fn(|k| normalize(_mm512_loadu_ps(src.add(i + 16 * k))));
+            let ((c0, f0), (c1, f1), (c2, f2), (c3, f3)) = (
+                segment_codes16::<SIGNED>(sc, v[0]),
+                segment_codes16::<SIGNED>(sc, v[1]),
+                segment_codes16::<SIGNED>(sc, v[2]),
+                segment_codes16::<SIGNED>(sc, v[3]),
+            );
             // Codes are 0..=255: unsigned saturation keeps them.
             let lo = _mm512_packus_epi32(c0, c1);
             let hi = _mm512_packus_epi32(c2, c3);
@@ -327,7 +331,15 @@ unsafe fn encode_segments<const NORM: u8, const SIGNED: bool>(
             let flags =
                 u64::from(f0) | u64::from(f1) << 16 | u64::from(f2) << 32 | u64::from(f3) << 48;
             if flags != 0 {
-                fix_flagged::<NORM>(t, &x[i..i + 64], p, flags, &mut out[i..i + 64]);
+                // NaN lanes (all of them in a block of zeros divided by its zero absmax) get code
+                // 0 here, not one by one.
+                let nan = v.map(|v| u64::from(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v)));
+                let nan = nan[0] | nan[1] << 16 | nan[2] << 32 | nan[3] << 48;
+                _mm512_mask_storeu_epi8(dst.add(i).cast(), nan, _mm512_setzero_si512());
+                let rest = flags & !nan;
+                if rest != 0 {
+                    fix_flagged::<NORM>(t, &x[i..i + 64], p, rest, &mut out[i..i + 64]);
+                }
             }
         }
         i += 64;
@@ -340,8 +352,10 @@ unsafe fn encode_segments<const NORM: u8, const SIGNED: bool>(
         let flags = unsafe {
             let v = normalize(_mm512_maskz_loadu_ps(m, src.add(i)));
             let (code, flags) = segment_codes16::<SIGNED>(sc, v);
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            let code = _mm512_maskz_mov_epi32(!nan, code);
             _mm_mask_storeu_epi8(dst.add(i).cast(), m, _mm512_cvtepi32_epi8(code));
-            flags & m
+            flags & m & !nan
         };
         if flags != 0 {
             fix_flagged::<NORM>(t, &x[i..i + len], p, u64::from(flags), &mut out[i..i + len]);
