@@ -94,8 +94,20 @@ pub(crate) const NEAR_UNITS: i32 = 8;
 /// `2 · NEAR_UNITS` exactly when `(t + NEAR_UNITS) & NEAR_MASK == 0`.
 pub(crate) const NEAR_MASK: i32 = (FIX as i32 - 1) & !(2 * NEAR_UNITS - 1);
 
-/// Keys within which a magnitude counts as near a segment split.
-pub(crate) const NEAR_KEYS: u32 = 16;
+/// How far below a split (in keys) its [`Segments::octave`] entry starts: the entry is
+/// `((split − SPLIT_BELOW) & !15) | segment`, so `d = key − entry` is in `[0, SPLIT_WINDOW)` for
+/// every key within 48 below to 64 above the split (flagged), and above `SPLIT_UP` exactly for
+/// the keys above the split outside that window.
+pub(crate) const SPLIT_BELOW: i32 = 48;
+
+/// Width of the flagged window of `d` around a split.
+pub(crate) const SPLIT_WINDOW: u32 = 128;
+
+/// `d > SPLIT_UP` chooses the upper segment (inside the window either choice is flagged).
+pub(crate) const SPLIT_UP: i32 = 64;
+
+/// Octave entry of an octave without a split: `d` wraps to a negative value for every key.
+const NO_SPLIT: i32 = i32::MIN;
 
 /// The map's positive codes as straight segments, for an encoder without table loads per lane.
 ///
@@ -106,9 +118,11 @@ pub(crate) const NEAR_KEYS: u32 = 16;
 /// code folded in) puts every threshold inside the segment within a few millionths of a code of
 /// an integer, so `min(⌊t⌋, max_code)` is the code wherever `t` is not within [`NEAR_UNITS`] of an
 /// integer. The segment of `|x|` comes from its binary exponent: every octave `[2^e, 2^(e+1))`
-/// holds at most one segment split (a threshold between two decades), so per octave one compare
-/// with that split picks between two consecutive segments. Lanes near a split ([`NEAR_KEYS`]) or
-/// near an integer coordinate are flagged, and the caller encodes them with the exact table.
+/// holds at most one segment split (a threshold between two decades), so per octave one integer
+/// compare with that split's key (one table entry holds the key, rounded, and the first segment
+/// of the octave) picks between two consecutive segments. Lanes near a split ([`SPLIT_BELOW`],
+/// [`SPLIT_WINDOW`]) or near an integer coordinate are flagged, and the caller encodes them with
+/// the exact table.
 ///
 /// Negative values: the signed map is symmetric (`code(−x) = max(254 − code(x), 0)`, its tie
 /// rule included), the unsigned map gives 0. NaN and ±inf are always flagged (their coordinate is
@@ -118,10 +132,10 @@ pub(crate) const NEAR_KEYS: u32 = 16;
 /// threshold is flagged.
 #[derive(Debug)]
 pub(crate) struct Segments {
-    /// Per octave (biased exponent `& 31`): the split inside it, `+inf` if none.
-    pub(crate) split: [f32; 32],
-    /// Per octave: the segment of the octave's smallest value.
-    pub(crate) first_segment: [i32; 32],
+    /// Per octave (biased exponent `& 31`): `((split − SPLIT_BELOW) & !15) | segment`, with the
+    /// f32 bits of the split inside the octave and the segment of the octave's smallest value;
+    /// `i32::MIN | segment` for an octave without a split.
+    pub(crate) octave: [i32; 32],
     /// Per segment: the coordinate's scale (fixed point).
     pub(crate) scale: [f32; 16],
     /// Per segment: the coordinate's offset (fixed point, the first code folded in).
@@ -211,21 +225,23 @@ impl Segments {
         let exp = |x: f32| x.to_bits() >> 23;
         let exp_min = exp(splits[0]);
         assert!(127 - exp_min < 32, "segment tables span too many octaves");
-        let mut split = [f32::INFINITY; 32];
-        let mut first_segment = [0i32; 32];
+        let mut octave = [NO_SPLIT; 32];
         for e in exp_min..=127 {
             let start = f32::from_bits(e << 23);
             let slot = (e & 31) as usize;
-            first_segment[slot] = splits.iter().filter(|&&b| b < start).count() as i32;
+            let first = splits.iter().filter(|&&b| b < start).count() as i32;
             let mut inside = splits.iter().filter(|&&b| exp(b) == e);
-            if let Some(&b) = inside.next() {
-                split[slot] = b;
-            }
+            let key = inside.next().map_or(NO_SPLIT, |&b| {
+                let k = (b.to_bits() as i32 - SPLIT_BELOW) & !15;
+                // The rounded key stays inside the octave, so the window stays around the split.
+                assert!(k as u32 >> 23 == e, "split {b:e} too close to its octave's start");
+                k
+            });
+            octave[slot] = key | first;
             assert!(inside.next().is_none(), "two splits in octave {e}");
         }
         Segments {
-            split,
-            first_segment,
+            octave,
             scale,
             offset,
             max_code,
@@ -241,8 +257,9 @@ impl Segments {
         let a_bits = y.to_bits() & 0x7fff_ffff;
         let a = f32::from_bits(a_bits);
         let slot = ((a_bits >> 23).clamp(self.exp_min, 127) & 31) as usize;
-        let split = self.split[slot];
-        let s = (self.first_segment[slot] + i32::from(a > split)) as usize;
+        let entry = self.octave[slot];
+        let d = (a_bits as i32).wrapping_sub(entry);
+        let s = ((entry & 15) + i32::from(d > SPLIT_UP)) as usize;
         let t = a.mul_add(self.scale[s], -self.offset[s]);
         // vcvttps2dq: truncation; NaN and out-of-range give i32::MIN.
         let ti = if !(-2147483648.0..2147483648.0).contains(&t) {
@@ -252,8 +269,7 @@ impl Segments {
         };
         let mut code = ((ti as u32 >> 15) as i32).min(self.max_code[s]);
         let near_int = ti.wrapping_add(NEAR_UNITS) & NEAR_MASK == 0;
-        let near_split =
-            a_bits.wrapping_sub(split.to_bits()).wrapping_add(NEAR_KEYS) < 2 * NEAR_KEYS;
+        let near_split = (d as u32) < SPLIT_WINDOW;
         if y.is_sign_negative() {
             code = if self.signed { (254 - code).max(0) } else { 0 };
         }

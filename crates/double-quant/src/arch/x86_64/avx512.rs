@@ -21,7 +21,9 @@
 //! 16 registers and is looked up with eight `vpermt2ps` and a blend tree (faster than
 //! `vgatherdps`, which is slower than scalar loads on AMD cores); `vmulps` by the scale.
 
-use crate::encoder::{Encoder, Segments, Table, NEAR_KEYS, NEAR_MASK, NEAR_UNITS};
+use crate::encoder::{
+    Encoder, Segments, Table, NEAR_MASK, NEAR_UNITS, SPLIT_UP, SPLIT_WINDOW,
+};
 use crate::simd::Normalize;
 use crate::{BytePlanes, DynamicMap};
 use core::arch::x86_64::*;
@@ -91,6 +93,7 @@ impl Kernel {
             } else {
                 segment_codes16::<false>(&c, _mm512_loadu_ps(v.as_ptr()))
             };
+            let code = _mm512_max_epi32(code, _mm512_setzero_si512());
             let mut out = [0u8; 16];
             _mm_storeu_si128(out.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(code));
             (out, flags)
@@ -142,8 +145,7 @@ impl Kernel {
 /// Broadcast tables and constants of the segment encoder ([`Segments`]).
 #[derive(Clone, Copy)]
 struct SegmentConsts {
-    split: [__m512; 2],
-    first_segment: [__m512i; 2],
+    octave: [__m512i; 2],
     scale: __m512,
     offset: __m512,
     max_code: __m512i,
@@ -152,8 +154,9 @@ struct SegmentConsts {
     abs: __m512i,
     near_units: __m512i,
     near_mask: __m512i,
-    near_keys: __m512i,
-    near_keys2: __m512i,
+    split_up: __m512i,
+    split_window: __m512i,
+    fifteen: __m512i,
     one: __m512i,
     c254: __m512i,
 }
@@ -162,15 +165,11 @@ struct SegmentConsts {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn segment_consts(s: &Segments) -> SegmentConsts {
     // SAFETY: each load reads 16 elements of an array of 16 or 32.
-    let (split, first_segment, scale, offset, max_code) = unsafe {
+    let (octave, scale, offset, max_code) = unsafe {
         (
             [
-                _mm512_loadu_ps(s.split.as_ptr()),
-                _mm512_loadu_ps(s.split.as_ptr().add(16)),
-            ],
-            [
-                _mm512_loadu_si512(s.first_segment.as_ptr().cast()),
-                _mm512_loadu_si512(s.first_segment.as_ptr().add(16).cast()),
+                _mm512_loadu_si512(s.octave.as_ptr().cast()),
+                _mm512_loadu_si512(s.octave.as_ptr().add(16).cast()),
             ],
             _mm512_loadu_ps(s.scale.as_ptr()),
             _mm512_loadu_ps(s.offset.as_ptr()),
@@ -178,8 +177,7 @@ fn segment_consts(s: &Segments) -> SegmentConsts {
         )
     };
     SegmentConsts {
-        split,
-        first_segment,
+        octave,
         scale,
         offset,
         max_code,
@@ -188,30 +186,34 @@ fn segment_consts(s: &Segments) -> SegmentConsts {
         abs: _mm512_set1_epi32(i32::MAX),
         near_units: _mm512_set1_epi32(NEAR_UNITS),
         near_mask: _mm512_set1_epi32(NEAR_MASK),
-        near_keys: _mm512_set1_epi32(NEAR_KEYS as i32),
-        near_keys2: _mm512_set1_epi32(2 * NEAR_KEYS as i32),
+        split_up: _mm512_set1_epi32(SPLIT_UP),
+        split_window: _mm512_set1_epi32(SPLIT_WINDOW as i32),
+        fifteen: _mm512_set1_epi32(15),
         one: _mm512_set1_epi32(1),
         c254: _mm512_set1_epi32(254),
     }
 }
 
-/// The codes of 16 normalized values by [`Segments`] (as i32 lanes), and the lanes flagged near
-/// a threshold or a split, whose codes must come from the exact table instead. `SIGNED` must be
-/// `c.signed`.
+/// The codes of 16 normalized values by [`Segments`] (as i32 lanes, −1 standing for 0), and the
+/// lanes flagged near a threshold or a split, whose codes must come from the exact table instead.
+/// `SIGNED` must be the segments' signedness.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn segment_codes16<const SIGNED: bool>(c: &SegmentConsts, v: __m512) -> (__m512i, __mmask16) {
     let vb = _mm512_castps_si512(v);
     let ab = _mm512_and_si512(vb, c.abs);
     let a = _mm512_castsi512_ps(ab);
-    // The octave (biased exponent, clamped to the tables' range; the permutes read bits 0-4).
+    // The octave (biased exponent, clamped to the tables' range; the permute reads bits 0-4),
+    // its entry, and the key distance `d` from the entry (see `Segments::octave`).
     let e = _mm512_min_epu32(
         _mm512_max_epu32(_mm512_srli_epi32::<23>(ab), c.exp_min),
         c.exp_max,
     );
-    let split = _mm512_permutex2var_ps(c.split[0], e, c.split[1]);
-    let up = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, split);
-    let first = _mm512_permutex2var_epi32(c.first_segment[0], e, c.first_segment[1]);
+    let entry = _mm512_permutex2var_epi32(c.octave[0], e, c.octave[1]);
+    let d = _mm512_sub_epi32(ab, entry);
+    let up = _mm512_cmpgt_epi32_mask(d, c.split_up);
+    let near_split = _mm512_cmplt_epu32_mask(d, c.split_window);
+    let first = _mm512_and_si512(entry, c.fifteen);
     let seg = _mm512_mask_add_epi32(first, up, first, c.one);
     let scale = _mm512_permutexvar_ps(seg, c.scale);
     let offset = _mm512_permutexvar_ps(seg, c.offset);
@@ -220,18 +222,13 @@ fn segment_codes16<const SIGNED: bool>(c: &SegmentConsts, v: __m512) -> (__m512i
     let t = _mm512_cvttps_epi32(_mm512_fmsub_ps(a, scale, offset));
     let code = _mm512_min_epi32(_mm512_srli_epi32::<15>(t), max_code);
     let near_int = _mm512_testn_epi32_mask(_mm512_add_epi32(t, c.near_units), c.near_mask);
-    let near_split = _mm512_cmplt_epu32_mask(
-        _mm512_add_epi32(
-            _mm512_sub_epi32(ab, _mm512_castps_si512(split)),
-            c.near_keys,
-        ),
-        c.near_keys2,
-    );
     // NaN and infinities are flagged by `near_int` (see `Segments`), so they need no patch here.
     let zero = _mm512_setzero_si512();
     let neg = _mm512_cmplt_epi32_mask(vb, zero);
     let code = if SIGNED {
-        _mm512_max_epi32(_mm512_mask_sub_epi32(code, neg, c.c254, code), zero)
+        // 254 − 255 = −1 for the top code's mirror: the callers' unsigned saturation (the packs,
+        // or a max with 0) makes it 0.
+        _mm512_mask_sub_epi32(code, neg, c.c254, code)
     } else {
         _mm512_mask_mov_epi32(code, neg, zero)
     };
@@ -353,7 +350,7 @@ unsafe fn encode_segments<const NORM: u8, const SIGNED: bool>(
             let v = normalize(_mm512_maskz_loadu_ps(m, src.add(i)));
             let (code, flags) = segment_codes16::<SIGNED>(sc, v);
             let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-            let code = _mm512_maskz_mov_epi32(!nan, code);
+            let code = _mm512_maskz_max_epi32(!nan, code, _mm512_setzero_si512());
             _mm_mask_storeu_epi8(dst.add(i).cast(), m, _mm512_cvtepi32_epi8(code));
             flags & m & !nan
         };
@@ -524,6 +521,7 @@ mod tests {
                         let mut x = [0f32; 16];
                         let mut codes = [0i32; 16];
                         _mm512_storeu_ps(x.as_mut_ptr(), v);
+                        let code = _mm512_max_epi32(code, _mm512_setzero_si512());
                         _mm512_storeu_si512(codes.as_mut_ptr().cast(), code);
                         for l in 0..16 {
                             if f >> l & 1 == 0 {
