@@ -425,6 +425,7 @@ impl Encoder {
     ///
     /// # Panics
     /// If `out` is shorter than `values`.
+    #[inline]
     pub fn encode_divided(&self, values: &[f32], divisor: f32, out: &mut [u8]) {
         assert!(
             out.len() >= values.len(),

@@ -245,6 +245,7 @@ impl DynamicMap {
     ///
     /// # Panics
     /// If `out` is shorter than `codes`.
+    #[inline]
     pub fn decode_scaled(&self, codes: &[u8], scale: f32, out: &mut [f32]) {
         assert!(
             out.len() >= codes.len(),

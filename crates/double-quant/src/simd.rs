@@ -128,6 +128,7 @@ impl Implementation {
 
     /// The implementation the slice methods use: [`best`](Self::best), or the scalar code when the
     /// environment variable `QLORA_FORCE_SCALAR` is `1` (read once, on first use).
+    #[inline]
     pub fn active() -> Implementation {
         static ACTIVE: OnceLock<Implementation> = OnceLock::new();
         *ACTIVE.get_or_init(|| {
@@ -140,6 +141,7 @@ impl Implementation {
     }
 
     /// `out[i] = enc.encode(normalize(x[i], ps[i / size]))`.
+    #[inline]
     fn encode(
         self,
         enc: &Encoder,
@@ -163,6 +165,7 @@ impl Implementation {
     }
 
     /// [`encode`](Self::encode) with one `p` for the whole slice.
+    #[inline]
     fn encode_one(self, enc: &Encoder, x: &[f32], how: Normalize, p: f32, out: &mut [u8]) {
         self.encode(enc, x, how, x.len().max(1), &[p], out)
     }
@@ -209,6 +212,7 @@ impl Implementation {
     /// # Panics
     /// If `out` is shorter than `values`, or the implementation is not
     /// [available](Self::is_available) here.
+    #[inline]
     pub fn encode_divided(self, enc: &Encoder, values: &[f32], divisor: f32, out: &mut [u8]) {
         self.encode_one(enc, values, Normalize::Div, divisor, out)
     }
@@ -250,6 +254,7 @@ impl Implementation {
     /// # Panics
     /// If `out` is shorter than `codes`, or the implementation is not
     /// [available](Self::is_available) here.
+    #[inline]
     pub fn decode_scaled(self, map: &DynamicMap, codes: &[u8], scale: f32, out: &mut [f32]) {
         self.decode(map, codes, codes.len().max(1), &[scale], out)
     }
@@ -276,6 +281,7 @@ impl Implementation {
         self.decode(map, codes, size, scales, out)
     }
 
+    #[inline]
     fn decode(self, map: &DynamicMap, codes: &[u8], size: usize, scales: &[f32], out: &mut [f32]) {
         assert!(
             out.len() >= codes.len(),

@@ -49,6 +49,7 @@ impl Kernel {
 
     /// The kernels, if the CPU has the features.
     /// Detected once: the optimizer calls the slice kernels several times per 256-element block.
+    #[inline]
     pub(crate) fn new() -> Option<Self> {
         static DETECTED: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
         *DETECTED.get_or_init(|| {
@@ -59,6 +60,7 @@ impl Kernel {
     }
 
     /// `out[i] = code(normalize(x[i], p))` with `p = ps[i / size]`.
+    #[inline]
     pub(crate) fn encode(
         self,
         enc: &Encoder,
@@ -101,6 +103,7 @@ impl Kernel {
     }
 
     /// `out[i] = values[codes[i]] * scales[i / size]`.
+    #[inline]
     pub(crate) fn decode_scaled(
         self,
         map: &DynamicMap,
@@ -261,6 +264,7 @@ fn fix_flagged<const NORM: u8>(t: &Table, x: &[f32], p: f32, mut flags: u64, out
 /// # Safety
 /// AVX-512 F, BW and VL are available; `out.len() == x.len()`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
 unsafe fn encode<const NORM: u8>(
     t: &Table,
     s: &Segments,
@@ -375,6 +379,7 @@ unsafe fn encode_segments<const NORM: u8, const SIGNED: bool>(
 /// AVX-512 F, BW, VL and VBMI are available; `codes.len() == out.len()`, a multiple of 64, and
 /// `size` a multiple of 64 with `scales` holding one scale per started block.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+#[inline]
 unsafe fn decode_planes(
     planes: &BytePlanes,
     codes: &[u8],
