@@ -234,7 +234,10 @@ impl Segments {
             let key = inside.next().map_or(NO_SPLIT, |&b| {
                 let k = (b.to_bits() as i32 - SPLIT_BELOW) & !15;
                 // The rounded key stays inside the octave, so the window stays around the split.
-                assert!(k as u32 >> 23 == e, "split {b:e} too close to its octave's start");
+                assert!(
+                    k as u32 >> 23 == e,
+                    "split {b:e} too close to its octave's start"
+                );
                 k
             });
             octave[slot] = key | first;

@@ -132,6 +132,21 @@ pub enum Error {
     },
 }
 
+/// Mutable views of two 8-bit blockwise states of one tensor (codes and per-block absmax), as
+/// [`Implementation::update_blockwise`] updates them: bitsandbytes' `state1` / `absmax1`
+/// (first moment, usually the signed map) and `state2` / `absmax2` (second moment, unsigned).
+#[derive(Debug)]
+pub struct BlockwiseStatesMut<'a> {
+    /// Codes of the first state, one per element.
+    pub state1: &'a mut [u8],
+    /// Absmax of the first state, one per block of [`OPTIMIZER_BLOCKSIZE`].
+    pub absmax1: &'a mut [f32],
+    /// Codes of the second state, as many as `state1`.
+    pub state2: &'a mut [u8],
+    /// Absmax of the second state, one per block.
+    pub absmax2: &'a mut [f32],
+}
+
 /// Which of bitsandbytes' two dynamic maps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MapKind {

@@ -6,7 +6,7 @@
 //! has).
 
 use crate::encoder::Encoder;
-use crate::DynamicMap;
+use crate::{check_len, BlockwiseStatesMut, DynamicMap, Error, OPTIMIZER_BLOCKSIZE};
 use std::sync::OnceLock;
 
 /// How a slice kernel normalizes each input before encoding it.
@@ -247,6 +247,126 @@ impl Implementation {
         out: &mut [u8],
     ) {
         self.encode_blocks(enc, values, Normalize::Mul, size, scales, out)
+    }
+
+    /// One update of two 8-bit blockwise states in place, block by block (blocks of
+    /// [`OPTIMIZER_BLOCKSIZE`] elements), as bitsandbytes' fused 8-bit optimizer kernels do it.
+    ///
+    /// For block `j`: both states are dequantized with the block's old absmax into 256-lane f32
+    /// buffers (the lanes past a partial last block hold `padding[k]` dequantized, as the kernels
+    /// load them); `update(j, s1, s2)` updates them and returns their new absmax `[a1, a2]`;
+    /// the first `len` lanes are re-quantized as `s / a` (IEEE division, the optimizers'
+    /// normalization, encoded like [`Encoder::encode_divided`]); `after(j, codes1, codes2, s1,
+    /// s2)` sees the new codes (for fix-ups such as the first moment's sign fix); the new absmax
+    /// is stored.
+    ///
+    /// One call covers every block, so the SIMD tables are set up once (AVX-512 with VBMI runs
+    /// it all in one function; the other implementations call their slice kernels per block).
+    /// Run `update` in the caller's SIMD context for speed: the closure is inlined here.
+    ///
+    /// ```
+    /// use qlora_double_quant::{
+    ///     BlockwiseStatesMut, DynamicMap, Encoder, Implementation, OPTIMIZER_BLOCKSIZE,
+    /// };
+    ///
+    /// // Halve both states of 300 elements (two blocks, the second partial).
+    /// let n = 300;
+    /// let (mut c1, mut c2) = (vec![200u8; n], vec![100u8; n]);
+    /// let (mut a1, mut a2) = (vec![2.0f32; 2], vec![4.0f32; 2]);
+    /// let states = BlockwiseStatesMut {
+    ///     state1: &mut c1,
+    ///     absmax1: &mut a1,
+    ///     state2: &mut c2,
+    ///     absmax2: &mut a2,
+    /// };
+    /// Implementation::best()
+    ///     .update_blockwise(
+    ///         [Encoder::signed(), Encoder::unsigned()],
+    ///         [128, 0],
+    ///         states,
+    ///         |_, s1, s2| {
+    ///             s1.iter_mut().chain(s2.iter_mut()).for_each(|x| *x *= 0.5);
+    ///             let max = |s: &[f32; OPTIMIZER_BLOCKSIZE]| s.iter().fold(0f32, |m, x| m.max(x.abs()));
+    ///             [max(s1), max(s2)]
+    ///         },
+    ///         |_, _, _, _, _| {},
+    ///     )
+    ///     .unwrap();
+    /// // Every element of a block equals its absmax now, so each code becomes 1.0's.
+    /// assert_eq!(a1[0], DynamicMap::signed().decode(200));
+    /// assert_eq!(a2[0], DynamicMap::unsigned().decode(100) * 2.0);
+    /// assert_eq!((c1[0], c2[0]), (255, 255));
+    /// ```
+    ///
+    /// # Errors
+    /// When the lengths do not fit: `state2` as long as `state1`, one absmax of each per block.
+    ///
+    /// # Panics
+    /// If the implementation is not [available](Self::is_available) here.
+    #[inline(always)]
+    pub fn update_blockwise<U, A>(
+        self,
+        encoders: [&Encoder; 2],
+        padding: [u8; 2],
+        states: BlockwiseStatesMut<'_>,
+        mut update: U,
+        mut after: A,
+    ) -> Result<(), Error>
+    where
+        U: FnMut(
+            usize,
+            &mut [f32; OPTIMIZER_BLOCKSIZE],
+            &mut [f32; OPTIMIZER_BLOCKSIZE],
+        ) -> [f32; 2],
+        A: FnMut(
+            usize,
+            &mut [u8],
+            &mut [u8],
+            &[f32; OPTIMIZER_BLOCKSIZE],
+            &[f32; OPTIMIZER_BLOCKSIZE],
+        ),
+    {
+        const B: usize = OPTIMIZER_BLOCKSIZE;
+        let n = states.state1.len();
+        let nb = n.div_ceil(B);
+        check_len("state2", n, states.state2.len())?;
+        check_len("absmax1", nb, states.absmax1.len())?;
+        check_len("absmax2", nb, states.absmax2.len())?;
+        assert!(
+            self.is_available(),
+            "the {self} implementation is not available on this machine"
+        );
+        #[cfg(all(target_arch = "x86_64", qlora_simd))]
+        let states = match (self, crate::arch::x86_64::avx512::Kernel::new()) {
+            (Implementation::Avx512, Some(k)) => {
+                match k.update_blocks(encoders, padding, states, &mut update, &mut after) {
+                    Ok(()) => return Ok(()),
+                    Err(states) => states,
+                }
+            }
+            _ => states,
+        };
+        let maps = encoders.map(|e| e.map());
+        let (mut s1, mut s2) = ([0f32; B], [0f32; B]);
+        let blocks = states
+            .state1
+            .chunks_mut(B)
+            .zip(states.state2.chunks_mut(B))
+            .zip(states.absmax1.iter_mut().zip(states.absmax2.iter_mut()));
+        for (j, ((c1, c2), (a1, a2))) in blocks.enumerate() {
+            let m = c1.len();
+            self.decode_scaled(maps[0], c1, *a1, &mut s1[..m]);
+            self.decode_scaled(maps[1], c2, *a2, &mut s2[..m]);
+            s1[m..].fill(maps[0].decode(padding[0]) * *a1);
+            s2[m..].fill(maps[1].decode(padding[1]) * *a2);
+            let [new1, new2] = update(j, &mut s1, &mut s2);
+            self.encode_divided(encoders[0], &s1[..m], new1, c1);
+            self.encode_divided(encoders[1], &s2[..m], new2, c2);
+            after(j, c1, c2, &s1, &s2);
+            *a1 = new1;
+            *a2 = new2;
+        }
+        Ok(())
     }
 
     /// [`DynamicMap::decode_scaled`] with this implementation.

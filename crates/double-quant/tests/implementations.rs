@@ -3,7 +3,7 @@
 //! `values[code] * scale`.
 
 use proptest::prelude::*;
-use qlora_double_quant::{DynamicMap, Encoder, Implementation};
+use qlora_double_quant::{BlockwiseStatesMut, DynamicMap, Encoder, Implementation};
 
 fn maps() -> [(&'static DynamicMap, &'static Encoder); 2] {
     [
@@ -351,6 +351,133 @@ fn nan_quotients_and_zero_divisors_give_the_binary_search_codes() {
             }
         }
     }
+}
+
+/// The update of block `j` used by the `update_blockwise` tests: decay both states, add a
+/// pseudo-random term (zero for every third block, so some blocks become all zero), return the
+/// absmax of each.
+fn test_update(j: usize, s1: &mut [f32; 256], s2: &mut [f32; 256]) -> [f32; 2] {
+    let mut a = [0f32; 2];
+    for (i, (m, v)) in s1.iter_mut().zip(s2.iter_mut()).enumerate() {
+        let g = if j % 3 == 2 {
+            0.0
+        } else {
+            ((i * 7919 + j * 104_729) % 2001) as f32 * 1e-4 - 0.1
+        };
+        *m = if j % 3 == 2 { 0.0 } else { *m * 0.9 + 0.1 * g };
+        *v = if j % 3 == 2 {
+            0.0
+        } else {
+            *v * 0.99 + 0.01 * g * g
+        };
+        a[0] = a[0].max(m.abs());
+        a[1] = a[1].max(v.abs());
+    }
+    a
+}
+
+#[test]
+fn update_blockwise_equals_a_per_element_reference_for_every_implementation() {
+    let (e1, e2) = (Encoder::signed(), Encoder::unsigned());
+    let (m1, m2) = (e1.map(), e2.map());
+    for n in [0usize, 1, 255, 256, 300, 256 * 9 + 17] {
+        let nb = n.div_ceil(256);
+        let c1: Vec<u8> = (0..n).map(|i| (i * 37 % 256) as u8).collect();
+        let c2: Vec<u8> = (0..n).map(|i| (i * 91 % 256) as u8).collect();
+        let a1: Vec<f32> = (0..nb).map(|j| 0.01 * (j + 1) as f32).collect();
+        let a2: Vec<f32> = (0..nb).map(|j| 0.001 * (j + 2) as f32).collect();
+        // Reference: per element, with the binary-search encoder.
+        let (mut r1, mut r2, mut ra1, mut ra2) = (c1.clone(), c2.clone(), a1.clone(), a2.clone());
+        for j in 0..nb {
+            let lo = 256 * j;
+            let hi = (lo + 256).min(n);
+            let mut s1 = [m1.decode(128) * ra1[j]; 256];
+            let mut s2 = [m2.decode(0) * ra2[j]; 256];
+            for i in lo..hi {
+                s1[i - lo] = m1.decode(r1[i]) * ra1[j];
+                s2[i - lo] = m2.decode(r2[i]) * ra2[j];
+            }
+            let [x1, x2] = test_update(j, &mut s1, &mut s2);
+            for i in lo..hi {
+                r1[i] = m1.encode(s1[i - lo] / x1);
+                r2[i] = m2.encode(s2[i - lo] / x2);
+                if i % 5 == 0 {
+                    r1[i] = r1[i].wrapping_add(1);
+                }
+            }
+            ra1[j] = x1;
+            ra2[j] = x2;
+        }
+        for imp in Implementation::available() {
+            let (mut o1, mut o2, mut oa1, mut oa2) =
+                (c1.clone(), c2.clone(), a1.clone(), a2.clone());
+            let states = BlockwiseStatesMut {
+                state1: &mut o1,
+                absmax1: &mut oa1,
+                state2: &mut o2,
+                absmax2: &mut oa2,
+            };
+            imp.update_blockwise(
+                [e1, e2],
+                [128, 0],
+                states,
+                test_update,
+                |j, c1, c2, _, _| {
+                    assert_eq!(c1.len(), c2.len());
+                    for (k, c) in c1.iter_mut().enumerate() {
+                        if (256 * j + k) % 5 == 0 {
+                            *c = c.wrapping_add(1);
+                        }
+                    }
+                },
+            )
+            .expect("consistent lengths");
+            assert_eq!(o1, r1, "{imp} n = {n}: state1");
+            assert_eq!(o2, r2, "{imp} n = {n}: state2");
+            assert_eq!(oa1, ra1, "{imp} n = {n}: absmax1");
+            assert_eq!(oa2, ra2, "{imp} n = {n}: absmax2");
+        }
+    }
+}
+
+#[test]
+fn update_blockwise_rejects_inconsistent_lengths() {
+    let (mut c1, mut c2) = (vec![0u8; 300], vec![0u8; 299]);
+    let (mut a1, mut a2) = (vec![1f32; 2], vec![1f32; 2]);
+    let states = BlockwiseStatesMut {
+        state1: &mut c1,
+        absmax1: &mut a1,
+        state2: &mut c2,
+        absmax2: &mut a2,
+    };
+    let err = Implementation::best()
+        .update_blockwise(
+            [Encoder::signed(), Encoder::unsigned()],
+            [128, 0],
+            states,
+            test_update,
+            |_, _, _, _, _| {},
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("state2"), "{err}");
+    let mut c2 = vec![0u8; 300];
+    let mut a2 = vec![1f32; 1];
+    let states = BlockwiseStatesMut {
+        state1: &mut c1,
+        absmax1: &mut a1,
+        state2: &mut c2,
+        absmax2: &mut a2,
+    };
+    let err = Implementation::best()
+        .update_blockwise(
+            [Encoder::signed(), Encoder::unsigned()],
+            [128, 0],
+            states,
+            test_update,
+            |_, _, _, _, _| {},
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("absmax2"), "{err}");
 }
 
 #[test]

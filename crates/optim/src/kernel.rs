@@ -9,7 +9,7 @@
 
 use crate::element::{Dtype, Element};
 use crate::error::Error;
-use qlora_double_quant::{DynamicMap, Encoder, OPTIMIZER_BLOCKSIZE};
+use qlora_double_quant::{BlockwiseStatesMut, Encoder, OPTIMIZER_BLOCKSIZE};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -226,47 +226,85 @@ pub(crate) struct Task8<'t, P, G> {
     pub(crate) a2: &'t mut [f32],
 }
 
-/// How many 256-element blocks ahead the 8-bit loop prefetches the gradient and the codes.
-const PREFETCH_BLOCKS: usize = 1;
-
-/// The 8-bit update of one task, block by block. Inlined into each `crate::arch` copy, which
-/// compiles it for its instruction set.
+/// The 8-bit update of one task, block by block, through `dq`'s
+/// [`update_blockwise`](qlora_double_quant::Implementation::update_blockwise) (one call per task:
+/// the SIMD tables are set up once). Inlined into each `crate::arch` copy, which compiles it (and
+/// the block closure, inlined into the double-quant driver) for its instruction set.
+///
+/// Per 256-element block:
+/// 1. `update_blockwise` dequantizes both states with the block's old absmax (a partial last
+///    block's padding lanes load state1 code 128 and state2 code 0, as the kernel's do);
+/// 2. [`block_update`]: the moment updates, the non-finite-gradient reset, the new absmax and
+///    the parameter update, in branch-free loops;
+/// 3. `update_blockwise` re-quantizes with `s / new_absmax`, then the sign fix runs on the
+///    first moment's codes.
+///
+/// `block` is [`block_update`] wrapped in a closure by the caller: a closure defined inside a
+/// `#[target_feature]` function is compiled with its features even where it is not inlined.
 #[inline(always)]
-pub(crate) fn task_8bit<P: Element, G: Element>(t: Task8<'_, P, G>, k: &Consts) {
+pub(crate) fn task_8bit<P: Element, G: Element, F>(
+    dq: qlora_double_quant::Implementation,
+    t: Task8<'_, P, G>,
+    k: &Consts,
+    mut block: F,
+) where
+    F: FnMut(
+        &mut [P],
+        &[G],
+        &mut [f32; OPTIMIZER_BLOCKSIZE],
+        &mut [f32; OPTIMIZER_BLOCKSIZE],
+        &mut [f32; OPTIMIZER_BLOCKSIZE],
+        &Consts,
+    ) -> [f32; 2],
+{
     const B: usize = OPTIMIZER_BLOCKSIZE;
-    let mut buf = Scratch {
-        s1: [0.0; B],
-        s2: [0.0; B],
-        g: [0.0; B],
+    let Task8 {
+        p,
+        g,
+        c1,
+        c2,
+        a1,
+        a2,
+    } = t;
+    let n = g.len();
+    let (c1p, c2p) = (c1.as_ptr(), c2.as_ptr());
+    let mut gbuf = [0f32; B];
+    let states = BlockwiseStatesMut {
+        state1: c1,
+        absmax1: a1,
+        state2: c2,
+        absmax2: a2,
     };
-    let n = t.g.len();
-    let (pp, gp, c1p, c2p) = (t.p.as_ptr(), t.g.as_ptr(), t.c1.as_ptr(), t.c2.as_ptr());
-    for (i, (((((p, g), c1), c2), a1), a2)) in
-        t.p.chunks_mut(B)
-            .zip(t.g.chunks(B))
-            .zip(t.c1.chunks_mut(B))
-            .zip(t.c2.chunks_mut(B))
-            .zip(t.a1.iter_mut())
-            .zip(t.a2.iter_mut())
-            .enumerate()
-    {
-        let ahead = (i + PREFETCH_BLOCKS) * B;
-        if ahead < n {
-            let len = B.min(n - ahead);
-            crate::arch::prefetch(pp.wrapping_add(ahead), len);
-            crate::arch::prefetch(gp.wrapping_add(ahead), len);
-            crate::arch::prefetch(c1p.wrapping_add(ahead), len);
-            crate::arch::prefetch(c2p.wrapping_add(ahead), len);
+    let pp = p.as_ptr();
+    let update = |j: usize, s1: &mut [f32; B], s2: &mut [f32; B]| {
+        let lo = j * B;
+        let hi = (lo + B).min(n);
+        let new_absmax = block(&mut p[lo..hi], &g[lo..hi], s1, s2, &mut gbuf, k);
+        // Hint the next block into the cache while this one is re-quantized (pure computation
+        // on L1 data). Measured on Zen 4: this place beats the start of the block, and one block
+        // ahead beats two.
+        if hi < n {
+            let len = B.min(n - hi);
+            crate::arch::prefetch(pp.wrapping_add(hi), len);
+            crate::arch::prefetch(g.as_ptr().wrapping_add(hi), len);
+            crate::arch::prefetch(c1p.wrapping_add(hi), len);
+            crate::arch::prefetch(c2p.wrapping_add(hi), len);
         }
-        block_8bit(p, g, c1, c2, a1, a2, &mut buf, k);
-    }
-}
-
-/// The f32 working copies of one block (kept in L1 and reused block after block).
-struct Scratch {
-    s1: [f32; OPTIMIZER_BLOCKSIZE],
-    s2: [f32; OPTIMIZER_BLOCKSIZE],
-    g: [f32; OPTIMIZER_BLOCKSIZE],
+        new_absmax
+    };
+    let sign_fix_codes = |_: usize, c1: &mut [u8], _: &mut [u8], s1: &[f32; B], _: &[f32; B]| {
+        for (c, &m) in c1.iter_mut().zip(s1) {
+            *c = sign_fix(*c, m);
+        }
+    };
+    dq.update_blockwise(
+        [Encoder::signed(), Encoder::unsigned()],
+        [128, 0],
+        states,
+        update,
+        sign_fix_codes,
+    )
+    .expect("state lengths are checked by step_8bit");
 }
 
 /// Lanes of the running absmax reductions: one AVX-512 register (four SSE2 registers), so the
@@ -274,53 +312,33 @@ struct Scratch {
 /// non-NaN magnitudes does not depend on the order it is taken in).
 const LANES: usize = 16;
 
-/// One block (≤ 256 elements) of the fused 8-bit update.
+/// The f32 update of one block (≤ 256 elements) from its dequantized old states `s1`, `s2` (256
+/// lanes, padding included): they become the new moments, `p` is updated, and the new absmax
+/// of both is returned.
 ///
 /// Straight loops over 256-element buffers (the block stays in L1), without table lookups or
-/// branches, so they vectorize:
-/// 1. dequantize both states with the old absmax ([`DynamicMap::decode_scaled`]);
-/// 2. per lane: the moment updates, the non-finite-gradient reset, the running absmax (lane-wise
-///    maxima) and the parameter update, in one loop for a full block of f32 or bf16 parameters
-///    (f16 parameters, whose rounding does not vectorize, and partial blocks update in a second
-///    loop);
-/// 3. re-quantize with [`Encoder::encode_divided`] (`s / new_absmax`), then the sign fix.
-///
-/// A partial last block fills its padding lanes as the kernel loads them (g = 0, state1 code
-/// 128, state2 code 0) and computes them like any other lane for the absmax.
+/// branches, so they vectorize: per lane the moment updates, the non-finite-gradient reset, the
+/// running absmax (lane-wise maxima) and the parameter update, in one loop for a full block of
+/// f32 or bf16 parameters (f16 parameters, whose rounding does not vectorize, and partial blocks
+/// update in a second loop). Padding lanes (past `p.len()`) have g = 0 and count for the absmax
+/// like any other lane, as in the kernel.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn block_8bit<P: Element, G: Element>(
+pub(crate) fn block_update<P: Element, G: Element>(
     p: &mut [P],
     g: &[G],
-    c1: &mut [u8],
-    c2: &mut [u8],
-    absmax1: &mut f32,
-    absmax2: &mut f32,
-    buf: &mut Scratch,
+    s1: &mut [f32; OPTIMIZER_BLOCKSIZE],
+    s2: &mut [f32; OPTIMIZER_BLOCKSIZE],
+    gbuf: &mut [f32; OPTIMIZER_BLOCKSIZE],
     k: &Consts,
-) {
-    const B: usize = OPTIMIZER_BLOCKSIZE;
-    let n = p.len().min(B);
-    let (p, g, c1, c2) = (&mut p[..n], &g[..n], &mut c1[..n], &mut c2[..n]);
-    let map1 = DynamicMap::signed();
-    let map2 = DynamicMap::unsigned();
-    let old1 = *absmax1;
-    let old2 = *absmax2;
-    map1.decode_scaled(c1, old1, &mut buf.s1[..n]);
-    map2.decode_scaled(c2, old2, &mut buf.s2[..n]);
-    // A copy of the gradient in f32, even for f32: reading the just-written state buffers
-    // right after `decode_scaled` stalls (store forwarding) less with this pass in between.
-    for (o, g) in buf.g.iter_mut().zip(g) {
+) -> [f32; 2] {
+    let n = p.len();
+    // A copy of the gradient in f32, even for f32 (measured faster than reading it in place).
+    for (o, g) in gbuf.iter_mut().zip(g) {
         *o = g.to_f32();
     }
-    if n < B {
-        // Padding lanes of the last block load g = 0, state1 code 128, state2 code 0.
-        buf.s1[n..].fill(map1.decode(128) * old1);
-        buf.s2[n..].fill(map2.decode(0) * old2);
-        buf.g[n..].fill(0.0);
-    }
-    let (s1, s2, gf) = (&mut buf.s1, &mut buf.s2, &buf.g);
-    let (new1, new2) = match <&mut [P; B]>::try_from(&mut *p) {
+    gbuf[n..].fill(0.0);
+    let gf = &*gbuf;
+    let (new1, new2) = match <&mut [P; OPTIMIZER_BLOCKSIZE]>::try_from(&mut *p) {
         Ok(pf) if P::DTYPE != Dtype::F16 => match k.decay {
             Some(decay) => lanes::<P, true, true>(Some(pf), gf, s1, s2, k, decay),
             None => lanes::<P, true, false>(Some(pf), gf, s1, s2, k, 1.0),
@@ -331,14 +349,7 @@ fn block_8bit<P: Element, G: Element>(
             r
         }
     };
-    *absmax1 = new1;
-    *absmax2 = new2;
-    let (s1, s2) = (&buf.s1[..n], &buf.s2[..n]);
-    Encoder::signed().encode_divided(s1, new1, c1);
-    for (c, &m) in c1.iter_mut().zip(s1) {
-        *c = sign_fix(*c, m);
-    }
-    Encoder::unsigned().encode_divided(s2, new2, c2);
+    [new1, new2]
 }
 
 /// True for a finite gradient (false for ±inf and NaN).

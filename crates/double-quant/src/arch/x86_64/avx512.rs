@@ -21,9 +21,7 @@
 //! 16 registers and is looked up with eight `vpermt2ps` and a blend tree (faster than
 //! `vgatherdps`, which is slower than scalar loads on AMD cores); `vmulps` by the scale.
 
-use crate::encoder::{
-    Encoder, Segments, Table, NEAR_MASK, NEAR_UNITS, SPLIT_UP, SPLIT_WINDOW,
-};
+use crate::encoder::{Encoder, Segments, Table, NEAR_MASK, NEAR_UNITS, SPLIT_UP, SPLIT_WINDOW};
 use crate::simd::Normalize;
 use crate::{BytePlanes, DynamicMap};
 use core::arch::x86_64::*;
@@ -81,6 +79,30 @@ impl Kernel {
                 Normalize::Div => encode::<NORM_DIV>(t, s, x, size, ps, out),
             }
         }
+    }
+
+    /// [`Implementation::update_blockwise`](crate::Implementation::update_blockwise) in one
+    /// function with the tables in registers; false (nothing done) without VBMI.
+    #[inline]
+    pub(crate) fn update_blocks<'a, U, A>(
+        self,
+        enc: [&Encoder; 2],
+        pad: [u8; 2],
+        st: crate::BlockwiseStatesMut<'a>,
+        update: U,
+        after: A,
+    ) -> Result<(), crate::BlockwiseStatesMut<'a>>
+    where
+        U: FnMut(usize, &mut [f32; 256], &mut [f32; 256]) -> [f32; 2],
+        A: FnMut(usize, &mut [u8], &mut [u8], &[f32; 256], &[f32; 256]),
+    {
+        if !self.vbmi {
+            return Err(st);
+        }
+        // SAFETY: `self.vbmi` is set only after AVX-512 F, BW, VL and VBMI were detected (`new`);
+        // the caller checked the lengths.
+        unsafe { update_blocks_vbmi(enc, pad, st, update, after) };
+        Ok(())
     }
 
     /// The segment encoder alone on `v`: per lane the code and whether it is flagged, exactly as
@@ -365,7 +387,28 @@ unsafe fn encode_segments<const NORM: u8, const SIGNED: bool>(
     }
 }
 
-/// Values of 64 codes from the four byte planes (AVX-512 VBMI), times `scale`.
+/// The byte planes of one map in registers, and the code permutation of [`decode64`].
+#[derive(Clone, Copy)]
+struct PlaneTables {
+    t: [[__m512i; 4]; 4],
+    transpose: __m512i,
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+fn load_planes(planes: &BytePlanes) -> PlaneTables {
+    PlaneTables {
+        t: core::array::from_fn(|k| {
+            core::array::from_fn(|q| {
+                // SAFETY: each plane holds 256 bytes: four 64-byte loads at 64·q, q < 4.
+                unsafe { _mm512_loadu_si512(planes[k].as_ptr().add(64 * q).cast()) }
+            })
+        }),
+        transpose: _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15),
+    }
+}
+
+/// Values of the 64 codes at `src` from the four byte planes (AVX-512 VBMI), times `s`, in order.
 ///
 /// Each plane is a 256-entry byte table in four registers: `vpermt2b` looks up codes 0–127 and
 /// 128–255 (the low 7 bits) and a blend on bit 7 picks one. `vpunpck{l,h}bw` and `vpunpck{l,h}wd`
@@ -373,7 +416,34 @@ unsafe fn encode_segments<const NORM: u8, const SIGNED: bool>(
 /// `k`, the elements `16L + 4k ..` of the input order; the codes are permuted beforehand (a 4×4
 /// transpose of 4-byte groups) so that the outputs come out in order.
 ///
-/// Block `j` of `size` codes is scaled by `scales[j]`.
+/// # Safety
+/// `src` points to 64 readable bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+unsafe fn decode64(p: &PlaneTables, src: *const u8, s: __m512) -> [__m512; 4] {
+    // SAFETY: the caller's contract.
+    let c = _mm512_permutexvar_epi32(p.transpose, unsafe { _mm512_loadu_si512(src.cast()) });
+    let high = _mm512_movepi8_mask(c);
+    let t = &p.t;
+    let plane = |k: usize| {
+        let lo = _mm512_permutex2var_epi8(t[k][0], c, t[k][1]);
+        let hi = _mm512_permutex2var_epi8(t[k][2], c, t[k][3]);
+        _mm512_mask_blend_epi8(high, lo, hi)
+    };
+    let (b0, b1, b2, b3) = (plane(0), plane(1), plane(2), plane(3));
+    let (lo01, hi01) = (_mm512_unpacklo_epi8(b0, b1), _mm512_unpackhi_epi8(b0, b1));
+    let (lo23, hi23) = (_mm512_unpacklo_epi8(b2, b3), _mm512_unpackhi_epi8(b2, b3));
+    [
+        _mm512_unpacklo_epi16(lo01, lo23),
+        _mm512_unpackhi_epi16(lo01, lo23),
+        _mm512_unpacklo_epi16(hi01, hi23),
+        _mm512_unpackhi_epi16(hi01, hi23),
+    ]
+    .map(|v| _mm512_mul_ps(_mm512_castsi512_ps(v), s))
+}
+
+/// Values of 64 codes at a time ([`decode64`]); block `j` of `size` codes is scaled by
+/// `scales[j]`.
 ///
 /// # Safety
 /// AVX-512 F, BW, VL and VBMI are available; `codes.len() == out.len()`, a multiple of 64, and
@@ -387,13 +457,7 @@ unsafe fn decode_planes(
     scales: &[f32],
     out: &mut [f32],
 ) {
-    let t: [[__m512i; 4]; 4] = core::array::from_fn(|k| {
-        core::array::from_fn(|q| {
-            // SAFETY: each plane holds 256 bytes: four 64-byte loads at 64·q, q < 4.
-            unsafe { _mm512_loadu_si512(planes[k].as_ptr().add(64 * q).cast()) }
-        })
-    });
-    let transpose = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    let p = load_planes(planes);
     let (src, dst) = (codes.as_ptr(), out.as_mut_ptr());
     let mut i = 0;
     let (mut s, mut block, mut block_end) = (_mm512_setzero_ps(), 0, 0);
@@ -405,30 +469,96 @@ unsafe fn decode_planes(
         }
         // SAFETY: codes i .. i+64 and outputs i .. i+64 are in bounds (equal lengths).
         unsafe {
-            let c = _mm512_permutexvar_epi32(transpose, _mm512_loadu_si512(src.add(i).cast()));
-            let high = _mm512_movepi8_mask(c);
-            let plane = |k: usize| {
-                let lo = _mm512_permutex2var_epi8(t[k][0], c, t[k][1]);
-                let hi = _mm512_permutex2var_epi8(t[k][2], c, t[k][3]);
-                _mm512_mask_blend_epi8(high, lo, hi)
-            };
-            let (b0, b1, b2, b3) = (plane(0), plane(1), plane(2), plane(3));
-            let (lo01, hi01) = (_mm512_unpacklo_epi8(b0, b1), _mm512_unpackhi_epi8(b0, b1));
-            let (lo23, hi23) = (_mm512_unpacklo_epi8(b2, b3), _mm512_unpackhi_epi8(b2, b3));
-            let v = [
-                _mm512_unpacklo_epi16(lo01, lo23),
-                _mm512_unpackhi_epi16(lo01, lo23),
-                _mm512_unpacklo_epi16(hi01, hi23),
-                _mm512_unpackhi_epi16(hi01, hi23),
-            ];
-            for (k, v) in v.into_iter().enumerate() {
-                _mm512_storeu_ps(
-                    dst.add(i + 16 * k),
-                    _mm512_mul_ps(_mm512_castsi512_ps(v), s),
-                );
+            for (k, v) in decode64(&p, src.add(i), s).into_iter().enumerate() {
+                _mm512_storeu_ps(dst.add(i + 16 * k), v);
             }
         }
         i += 64;
+    }
+}
+
+/// One block of [`Kernel::update_blocks`]: `out = values[codes] · scale`, the lanes past
+/// `codes.len()` decoded from `pad`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+fn decode_block(p: &PlaneTables, codes: &[u8], pad: u8, scale: f32, out: &mut [f32; 256]) {
+    let s = _mm512_set1_ps(scale);
+    let decode = |src: &[u8; 256], out: &mut [f32; 256]| {
+        for q in 0..4 {
+            // SAFETY: `src` holds 256 bytes and `out` 256 f32: 64 of each at 64·q, q < 4.
+            unsafe {
+                for (k, v) in decode64(p, src.as_ptr().add(64 * q), s)
+                    .into_iter()
+                    .enumerate()
+                {
+                    _mm512_storeu_ps(out.as_mut_ptr().add(64 * q + 16 * k), v);
+                }
+            }
+        }
+    };
+    if let Ok(whole) = <&[u8; 256]>::try_from(codes) {
+        decode(whole, out);
+    } else {
+        let mut padded = [pad; 256];
+        padded[..codes.len()].copy_from_slice(codes);
+        decode(&padded, out);
+    }
+}
+
+/// [`Kernel::update_blocks`] with VBMI: everything in one function, tables loaded once.
+///
+/// # Safety
+/// AVX-512 F, BW, VL and VBMI are available; `st` has consistent lengths (checked by the caller).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+unsafe fn update_blocks_vbmi<U, A>(
+    enc: [&Encoder; 2],
+    pad: [u8; 2],
+    st: crate::BlockwiseStatesMut<'_>,
+    mut update: U,
+    mut after: A,
+) where
+    U: FnMut(usize, &mut [f32; 256], &mut [f32; 256]) -> [f32; 2],
+    A: FnMut(usize, &mut [u8], &mut [u8], &[f32; 256], &[f32; 256]),
+{
+    const B: usize = crate::OPTIMIZER_BLOCKSIZE;
+    let planes = [
+        load_planes(enc[0].map().byte_planes()),
+        load_planes(enc[1].map().byte_planes()),
+    ];
+    let sc = [
+        segment_consts(enc[0].segments()),
+        segment_consts(enc[1].segments()),
+    ];
+    let (mut s1, mut s2) = ([0f32; B], [0f32; B]);
+    let blocks = st
+        .state1
+        .chunks_mut(B)
+        .zip(st.state2.chunks_mut(B))
+        .zip(st.absmax1.iter_mut().zip(st.absmax2.iter_mut()));
+    for (j, ((c1, c2), (a1, a2))) in blocks.enumerate() {
+        decode_block(&planes[0], c1, pad[0], *a1, &mut s1);
+        decode_block(&planes[1], c2, pad[1], *a2, &mut s2);
+        let [new1, new2] = update(j, &mut s1, &mut s2);
+        let m = c1.len();
+        for (k, (x, out, p)) in [(&s1[..m], &mut *c1, new1), (&s2[..m], &mut *c2, new2)]
+            .into_iter()
+            .enumerate()
+        {
+            let t = enc[k].table();
+            // SAFETY: features detected (caller); `x` and `out` both hold `m` elements; `sc[k]`
+            // are the constants of `enc[k]`'s segments, whose signedness picks `SIGNED`.
+            unsafe {
+                if enc[k].segments().signed {
+                    encode_segments::<NORM_DIV, true>(t, &sc[k], x, p, out)
+                } else {
+                    encode_segments::<NORM_DIV, false>(t, &sc[k], x, p, out)
+                }
+            }
+        }
+        after(j, c1, c2, &s1, &s2);
+        *a1 = new1;
+        *a2 = new2;
     }
 }
 
