@@ -13,6 +13,12 @@ pub trait Element: Copy + Send + Sync + 'static + private::Sealed {
     fn to_f32(self) -> f32;
     /// Round an f32 to this type (round to nearest, ties to even).
     fn from_f32(x: f32) -> Self;
+    /// The slice itself when `Self` is f32 (so f32 data can be used without a copy).
+    #[inline(always)]
+    fn as_f32_slice(s: &[Self]) -> Option<&[f32]> {
+        let _ = s;
+        None
+    }
 }
 
 mod private {
@@ -31,6 +37,10 @@ impl Element for f32 {
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         x
+    }
+    #[inline(always)]
+    fn as_f32_slice(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
     }
 }
 

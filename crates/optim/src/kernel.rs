@@ -332,12 +332,19 @@ pub(crate) fn block_update<P: Element, G: Element>(
     k: &Consts,
 ) -> [f32; 2] {
     let n = p.len();
-    // A copy of the gradient in f32, even for f32 (measured faster than reading it in place).
-    for (o, g) in gbuf.iter_mut().zip(g) {
-        *o = g.to_f32();
-    }
-    gbuf[n..].fill(0.0);
-    let gf = &*gbuf;
+    // A whole block of f32 gradients is read in place; others are widened into `gbuf`, with the
+    // padding lanes' g = 0.
+    let gf: &[f32; OPTIMIZER_BLOCKSIZE] =
+        match G::as_f32_slice(g).map(<&[f32; OPTIMIZER_BLOCKSIZE]>::try_from) {
+            Some(Ok(whole)) => whole,
+            _ => {
+                for (o, g) in gbuf.iter_mut().zip(g) {
+                    *o = g.to_f32();
+                }
+                gbuf[n..].fill(0.0);
+                gbuf
+            }
+        };
     let (new1, new2) = match <&mut [P; OPTIMIZER_BLOCKSIZE]>::try_from(&mut *p) {
         Ok(pf) if P::DTYPE != Dtype::F16 => match k.decay {
             Some(decay) => lanes::<P, true, true>(Some(pf), gf, s1, s2, k, decay),
