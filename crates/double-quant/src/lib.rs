@@ -55,26 +55,31 @@
 //!
 //! [`DynamicMap::encode`] is the kernels' binary search, kept as the oracle. [`Encoder`] gives the
 //! same codes from a bucket table (one load, one compare per value), and its slice methods
-//! ([`Encoder::encode_slice`], [`Encoder::encode_scaled`], [`Encoder::encode_divided`]) and
-//! [`DynamicMap::decode_scaled`] run the best SIMD [`Implementation`] of the CPU — AVX-512
-//! (F + BW + VL), AVX2, NEON, else scalar — picked once at first use; `QLORA_FORCE_SCALAR=1` in
-//! the environment forces the scalar code. Every implementation is tested code for code against
-//! the oracle. Throughput per call on 64 Ki values in cache unless noted, one core of a shared
-//! 2-core AMD Zen 4 (criterion, `cargo bench -p qlora-benches --bench dynamic_map`; load average
-//! 3–4 from other work, so treat these as ratios):
+//! ([`Encoder::encode_slice`], [`Encoder::encode_scaled`], [`Encoder::encode_divided`], the
+//! per-block forms) and [`DynamicMap::decode_scaled`] run the best SIMD [`Implementation`] of the
+//! CPU — AVX-512 (F + BW + VL), AVX2, NEON, else scalar — picked once at first use;
+//! `QLORA_FORCE_SCALAR=1` in the environment forces the scalar code. The AVX-512 encoder needs no
+//! table load per value: the maps are decades of evenly spaced codes, so a per-decade straight
+//! line (tables in registers, one FMA) gives the code, and the rare values within 2⁻¹² of a code
+//! spacing of a decision threshold are redone with the exact table (an exhaustive test covers
+//! every f32 of `[-2, 2]`). [`Implementation::update_blockwise`] runs a whole 8-bit optimizer
+//! state update (dequantize, caller's update, re-quantize) with the tables set up once. Every
+//! implementation is tested code for code against the oracle. Throughput on 64 Ki values in
+//! cache, one core of a shared 2-core AMD Zen 4 (criterion,
+//! `cargo bench -p qlora-benches --bench dynamic_map`; load average about 1.8 from other work,
+//! so treat these as ratios):
 //!
 //! | operation | elements/s |
 //! |---|---|
 //! | `DynamicMap::encode` (binary search, data-dependent branches) | 19 M |
-//! | `encode_scaled`, scalar table | 0.54 G |
-//! | `encode_scaled`, AVX2 (`vpgatherdd`) | 1.9 G |
-//! | `encode_scaled`, AVX-512 (scalar bucket loads) | 2.2 G |
-//! | `encode_divided`, AVX-512 (reciprocal product, `vdivps` only near a threshold) | 1.9 G |
+//! | `encode_scaled`, scalar table | 0.55 G |
+//! | `encode_scaled`, AVX2 (`vpgatherdd`) | 1.8 G |
+//! | `encode_scaled`, AVX-512 (segments) | 3.2 G |
+//! | `encode_divided`, AVX-512 (segments on the reciprocal product) | 3.3 G |
 //! | `decode_scaled`, scalar (also the AVX2 path) | 3.2 G |
-//! | `decode_scaled`, AVX-512 (`vpermt2ps` tree) | 4.4 G |
-//! | `decode_scaled`, AVX-512 VBMI (byte planes, `vpermt2b`; quiet machine) | 12.9 G |
-//! | [`absmax_mean`], 1 Mi values (AVX2 scan, exact path) | 12 G |
-//! | [`DoubleQuantAbsmax::compress`], 1 Mi absmax values, 2 threads | 1.1 G |
+//! | `decode_scaled`, AVX-512 VBMI (byte planes, `vpermt2b`) | 11.9 G |
+//! | [`absmax_mean`], 1 Mi values (AVX2 scan, exact path) | 11 G |
+//! | [`DoubleQuantAbsmax::compress`], 1 Mi absmax values, 2 threads | 2.2 G |
 //!
 //! [`absmax_mean`] sums on the rayon pool when the f64 sum is provably independent of the order
 //! (in practice for the absmax of bf16/f16 weights), else left to right; both give the same bits.

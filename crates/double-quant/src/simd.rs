@@ -45,7 +45,9 @@ pub enum Implementation {
     Scalar,
     /// x86-64 AVX2: 8 lanes, `vpgatherdd` (decode is the scalar loop).
     Avx2,
-    /// x86-64 AVX-512 F + BW + VL: 16 lanes, masked tails; decode by `vpermt2ps`.
+    /// x86-64 AVX-512 F + BW + VL: 16 lanes, masked tails; encode by per-decade segments (exact
+    /// table for the lanes near a threshold); decode by VBMI byte planes where the CPU has VBMI,
+    /// else `vpermt2ps`.
     Avx512,
     /// aarch64 NEON: 4 lanes of key arithmetic and compares, scalar table loads.
     Neon,

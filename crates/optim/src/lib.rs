@@ -76,37 +76,39 @@
 //!
 //! The 8-bit step reads and writes every byte of parameter, gradient and state once (for f32
 //! parameters and gradients: 16 bytes per element, plus 16 bytes of absmax per 256 elements,
-//! 16.0625 bytes per parameter), fused per 256-block while the block sits in L1: dequantize both
-//! states (`DynamicMap::decode_scaled`), update moments, absmax and parameters in branch-free
-//! loops over fixed-length f32 buffers, re-quantize (`Encoder::encode_divided`, then the sign
-//! fix). The 32-bit step moves 28 bytes per parameter in one loop. Tensors of at least
-//! [`PARALLEL_THRESHOLD`] elements run on the rayon pool in items of 4 Ki elements; results do
-//! not depend on threading.
+//! 16.0625 bytes per parameter), fused per 256-block while the block sits in L1, in one
+//! [`qlora_double_quant::Implementation::update_blockwise`] call per task: dequantize both states,
+//! update moments, absmax and parameters in branch-free loops over fixed-length f32 buffers
+//! (whole blocks of f32 gradients read in place), re-quantize (`s / new_absmax`), then the sign
+//! fix; the next block is prefetched while this one is re-quantized. The 32-bit step moves 28
+//! bytes per parameter in one loop. Tensors of at least [`PARALLEL_THRESHOLD`] elements run on
+//! the rayon pool in items of 4 Ki elements; results do not depend on threading.
 //!
 //! The loops are safe Rust. Besides the baseline build (SSE2 on x86-64, auto-vectorized), the
 //! crate compiles the same loops for AVX2 and AVX-512 and picks the best the CPU has at run time
 //! ([`Implementation`]; `QLORA_FORCE_SCALAR=1` forces the baseline build). All give the same bits:
 //! same operations in the same order, no FMA contraction, IEEE division and square root (per
 //! element three divisions and one square root, which no reciprocal approximation may replace).
+//! The 8-bit codes come from `qlora-double-quant`'s exact encoders, whichever implementation runs.
 //!
 //! `benches/adamw.rs` prints each step for every implementation as a fraction of a memcpy
-//! measured in the same run. On a 2-core AMD EPYC (Zen 4) VM at 2.6 GHz, 16 Mi f32 parameters,
-//! quiet machine (load ≈ 1.2), memcpy limit 39 GB/s:
+//! measured in the same run (the faster of a one-thread and a rayon memcpy). On a 2-core AMD EPYC
+//! (Zen 4) VM, 16 Mi f32 parameters, three runs in a row (memcpy limit 28.7–31.4 GB/s):
 //!
 //! | step | AVX-512 | AVX2 | baseline (SSE2) |
 //! |---|---|---|---|
-//! | 8-bit | 21.6 ms, 12.5 GB/s, **0.32** of memcpy | 25.1 ms, 0.28 | 29.3 ms, 0.24 |
-//! | 32-bit | 9.0 ms, 52 GB/s, 1.34 | 10.0 ms, 1.20 | 14.9 ms, 0.81 |
+//! | 8-bit | 12.2–13.7 ms, 19.6–22.1 GB/s, **0.63–0.74** of memcpy | 16.3–20.6 ms, 0.42–0.56 | 17.8–22.4 ms, 0.38–0.51 |
+//! | 32-bit | 10.1–11.7 ms, 40–46 GB/s, 1.28–1.61 | 1.16–1.47 | 1.01–1.36 |
 //!
-//! Over four runs the 8-bit ratio was 0.29–0.40 (21.6–24.5 ms; the memcpy itself varied 25–39
-//! GB/s on this shared VM).
+//! (The AVX2 and baseline rows use the best double-quant encoder of the CPU, AVX-512 here.) The
+//! memcpy of this shared VM moves between about 23 and 40 GB/s over a day; at the top of that
+//! range the 8-bit step's ratio falls to about 0.55.
 //!
-//! The 8-bit step is compute-bound (it scales 2.0× from one core to two and runs no faster in
-//! cache): about 2.6 ns per element per core, of which the two re-quantizations
-//! (`Encoder::encode_divided`: a bucket-table lookup per code, scalar loads on Zen 4) take about
-//! 40 %, the parameter update (one IEEE division and one square root per element) about a third,
-//! and the two dequantizations (VBMI byte-plane lookups) under 10 %. The 32-bit step (28 B per
-//! parameter) runs at memory speed.
+//! The 8-bit step is compute-bound: in cache (1 Mi parameters) it takes 0.63–0.68 ns per element
+//! on two cores, only 10–20 % less than from memory. Of that, the two re-quantizations take about
+//! 44 % (AVX-512: per-decade straight lines, no table load per value), the f32 update about a
+//! quarter (its IEEE division and square root occupy the divider for 16 cycles per 16 lanes),
+//! and the two dequantizations (VBMI byte planes) with the sign fix about a fifth.
 
 //! # Agreement with bitsandbytes
 //!
