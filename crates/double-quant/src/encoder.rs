@@ -68,6 +68,7 @@ impl Table {
         ((e >> OFFSET_BITS) + u32::from(off >= e & ((1 << OFFSET_BITS) - 1))) as u8
     }
 
+    #[cfg_attr(not(all(target_arch = "x86_64", qlora_simd)), allow(dead_code))]
     /// The code of any `x`: [`lookup`](Self::lookup) inside `[-1, 1]`, the binary search's clamps
     /// outside (above 1: 255; below −1 and NaN: 0).
     #[inline]
@@ -83,27 +84,33 @@ impl Table {
 }
 
 /// Fixed-point scale of the segment coordinate in [`Segments`]: `2^15` units per code.
+#[cfg_attr(not(all(target_arch = "x86_64", qlora_simd)), allow(dead_code))]
 pub(crate) const FIX: f32 = 32768.0;
 
 /// Fixed-point units (of [`FIX`] per code, so `2^-12` of a code spacing) within which a coordinate
 /// counts as near a threshold. The thresholds lie within 0.7 units of their integers, one f32
 /// step of `|x|` is at most 0.3 units, and the coordinate is rounded once (at most half a unit).
+#[cfg_attr(not(all(target_arch = "x86_64", qlora_simd)), allow(dead_code))]
 pub(crate) const NEAR_UNITS: i32 = 8;
 
 /// Bits of the fixed-point coordinate tested for nearness: `(t + NEAR_UNITS) mod FIX` is below
 /// `2 · NEAR_UNITS` exactly when `(t + NEAR_UNITS) & NEAR_MASK == 0`.
+#[cfg_attr(not(all(target_arch = "x86_64", qlora_simd)), allow(dead_code))]
 pub(crate) const NEAR_MASK: i32 = (FIX as i32 - 1) & !(2 * NEAR_UNITS - 1);
 
 /// How far below a split (in keys) its [`Segments::octave`] entry starts: the entry is
 /// `((split − SPLIT_BELOW) & !15) | segment`, so `d = key − entry` is in `[0, SPLIT_WINDOW)` for
 /// every key within 48 below to 64 above the split (flagged), and above `SPLIT_UP` exactly for
 /// the keys above the split outside that window.
+#[cfg_attr(not(all(target_arch = "x86_64", qlora_simd)), allow(dead_code))]
 pub(crate) const SPLIT_BELOW: i32 = 48;
 
 /// Width of the flagged window of `d` around a split.
+#[cfg_attr(not(all(target_arch = "x86_64", qlora_simd)), allow(dead_code))]
 pub(crate) const SPLIT_WINDOW: u32 = 128;
 
 /// `d > SPLIT_UP` chooses the upper segment (inside the window either choice is flagged).
+#[cfg_attr(not(all(target_arch = "x86_64", qlora_simd)), allow(dead_code))]
 pub(crate) const SPLIT_UP: i32 = 64;
 
 /// Octave entry of an octave without a split: `d` wraps to a negative value for every key.
@@ -130,6 +137,7 @@ const NO_SPLIT: i32 = i32::MIN;
 /// `Segments::code` (its scalar model, for tests) compute exactly this; tests check that every
 /// unflagged f32 of `[-2, 2]` gets the exact code and that every value within 8 keys of a
 /// threshold is flagged.
+#[cfg_attr(not(all(target_arch = "x86_64", qlora_simd)), allow(dead_code))]
 #[derive(Debug)]
 pub(crate) struct Segments {
     /// Per octave (biased exponent `& 31`): `((split − SPLIT_BELOW) & !15) | segment`, with the
@@ -307,6 +315,7 @@ impl Segments {
 pub struct Encoder {
     map: &'static DynamicMap,
     table: Table,
+    #[cfg_attr(not(all(target_arch = "x86_64", qlora_simd)), allow(dead_code))]
     segments: Segments,
 }
 
@@ -358,6 +367,7 @@ impl Encoder {
         &self.table
     }
 
+    #[cfg_attr(not(all(target_arch = "x86_64", qlora_simd)), allow(dead_code))]
     pub(crate) fn segments(&self) -> &Segments {
         &self.segments
     }
