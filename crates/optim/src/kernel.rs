@@ -11,6 +11,7 @@ use crate::element::{Dtype, Element};
 use crate::error::Error;
 use qlora_double_quant::{BlockwiseStatesMut, Encoder, OPTIMIZER_BLOCKSIZE};
 use rayon::prelude::*;
+use std::cell::Cell;
 use std::sync::OnceLock;
 
 /// Tensors of at least this many elements are updated on the rayon pool.
@@ -269,6 +270,9 @@ pub(crate) fn task_8bit<P: Element, G: Element, F>(
     let n = g.len();
     let (c1p, c2p) = (c1.as_ptr(), c2.as_ptr());
     let mut gbuf = [0f32; B];
+    // Whether the block being re-quantized has a first-moment absmax of 0 or +inf (set by
+    // `update`, read by the sign fix).
+    let odd_absmax1 = Cell::new(false);
     let states = BlockwiseStatesMut {
         state1: c1,
         absmax1: a1,
@@ -280,6 +284,7 @@ pub(crate) fn task_8bit<P: Element, G: Element, F>(
         let lo = j * B;
         let hi = (lo + B).min(n);
         let new_absmax = block(&mut p[lo..hi], &g[lo..hi], s1, s2, &mut gbuf, k);
+        odd_absmax1.set(!(new_absmax[0] > 0.0 && new_absmax[0] < f32::INFINITY));
         // Hint the next block into the cache while this one is re-quantized (pure computation
         // on L1 data). Measured on Zen 4: this place beats the start of the block, and one block
         // ahead beats two.
@@ -293,8 +298,15 @@ pub(crate) fn task_8bit<P: Element, G: Element, F>(
         new_absmax
     };
     let sign_fix_codes = |_: usize, c1: &mut [u8], _: &mut [u8], s1: &[f32; B], _: &[f32; B]| {
-        for (c, &m) in c1.iter_mut().zip(s1) {
-            *c = sign_fix(*c, m);
+        // The fix changes a code only where its side of 0 differs from the moment's sign. The
+        // nearest code of a number never lies on the other side of 0, except code 127 (0.0: a
+        // tiny negative moment, or -0) and NaN quotients (code 0), which need an absmax of 0
+        // (0/0) or +inf (inf/inf). Blocks with neither skip the loop; the result is the same.
+        let has_zero_code = c1.iter().fold(false, |any, &c| any | (c == 127));
+        if has_zero_code || odd_absmax1.get() {
+            for (c, &m) in c1.iter_mut().zip(s1) {
+                *c = sign_fix(*c, m);
+            }
         }
     };
     dq.update_blockwise(
