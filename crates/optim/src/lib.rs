@@ -93,22 +93,23 @@
 //!
 //! `benches/adamw.rs` prints each step for every implementation as a fraction of a memcpy
 //! measured in the same run (the faster of a one-thread and a rayon memcpy). On a 2-core AMD EPYC
-//! (Zen 4) VM, 16 Mi f32 parameters, three runs in a row (memcpy limit 28.7–31.4 GB/s):
+//! (Zen 4) VM, 16 Mi f32 parameters, four runs in a row (memcpy limit 25.6–28.7 GB/s):
 //!
 //! | step | AVX-512 | AVX2 | baseline (SSE2) |
 //! |---|---|---|---|
-//! | 8-bit | 12.2–13.7 ms, 19.6–22.1 GB/s, **0.63–0.74** of memcpy | 16.3–20.6 ms, 0.42–0.56 | 17.8–22.4 ms, 0.38–0.51 |
-//! | 32-bit | 10.1–11.7 ms, 40–46 GB/s, 1.28–1.61 | 1.16–1.47 | 1.01–1.36 |
+//! | 8-bit | 11.7–13.3 ms, 20.3–23.1 GB/s, **0.75–0.84** of memcpy | 15.2–21.3 ms, 0.47–0.67 | 17.3–22.7 ms, 0.44–0.61 |
+//! | 32-bit | 9.6–11.1 ms, 42–49 GB/s, 1.55–1.84 | | |
 //!
 //! (The AVX2 and baseline rows use the best double-quant encoder of the CPU, AVX-512 here.) The
-//! memcpy of this shared VM moves between about 23 and 40 GB/s over a day; at the top of that
-//! range the 8-bit step's ratio falls to about 0.55.
+//! memcpy of this shared VM moves between about 23 and 40 GB/s over a day; the 8-bit step is
+//! compute-bound, so at the top of that range its ratio falls to about 0.55–0.6.
 //!
-//! The 8-bit step is compute-bound: in cache (1 Mi parameters) it takes 0.63–0.68 ns per element
-//! on two cores, only 10–20 % less than from memory. Of that, the two re-quantizations take about
-//! 44 % (AVX-512: per-decade straight lines, no table load per value), the f32 update about a
-//! quarter (its IEEE division and square root occupy the divider for 16 cycles per 16 lanes),
-//! and the two dequantizations (VBMI byte planes) with the sign fix about a fifth.
+//! In cache (1 Mi parameters) the 8-bit step takes 0.61–0.63 ns per element on two cores, only
+//! 5–15 % less than from memory. Of that, the two re-quantizations take about 46 % (AVX-512:
+//! per-decade straight lines, no table load per value), the f32 update about 27 % (its IEEE
+//! division and square root occupy the divider for 16 cycles per 16 lanes), and the two
+//! dequantizations (VBMI byte planes) about 14 %; the sign fix runs only on blocks where it can
+//! change a code.
 
 //! # Agreement with bitsandbytes
 //!
