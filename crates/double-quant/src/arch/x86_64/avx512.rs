@@ -226,7 +226,13 @@ fn segment_consts(s: &Segments) -> SegmentConsts {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn segment_codes16<const SIGNED: bool>(c: &SegmentConsts, v: __m512) -> (__m512i, __mmask16) {
     let vb = _mm512_castps_si512(v);
-    let ab = _mm512_and_si512(vb, c.abs);
+    // Signed map: the magnitude (the sign is mirrored at the end). Unsigned map: negative values
+    // (and -0, negative NaN) become +0, whose code 0 is theirs.
+    let ab = if SIGNED {
+        _mm512_and_si512(vb, c.abs)
+    } else {
+        _mm512_max_epi32(vb, _mm512_setzero_si512())
+    };
     let a = _mm512_castsi512_ps(ab);
     // The octave (biased exponent, clamped to the tables' range; the permute reads bits 0-4),
     // its entry, and the key distance `d` from the entry (see `Segments::octave`).
@@ -248,14 +254,13 @@ fn segment_codes16<const SIGNED: bool>(c: &SegmentConsts, v: __m512) -> (__m512i
     let code = _mm512_min_epi32(_mm512_srli_epi32::<15>(t), max_code);
     let near_int = _mm512_testn_epi32_mask(_mm512_add_epi32(t, c.near_units), c.near_mask);
     // NaN and infinities are flagged by `near_int` (see `Segments`), so they need no patch here.
-    let zero = _mm512_setzero_si512();
-    let neg = _mm512_cmplt_epi32_mask(vb, zero);
     let code = if SIGNED {
         // 254 − 255 = −1 for the top code's mirror: the callers' unsigned saturation (the packs,
         // or a max with 0) makes it 0.
+        let neg = _mm512_cmplt_epi32_mask(vb, _mm512_setzero_si512());
         _mm512_mask_sub_epi32(code, neg, c.c254, code)
     } else {
-        _mm512_mask_mov_epi32(code, neg, zero)
+        code
     };
     (code, near_int | near_split)
 }
