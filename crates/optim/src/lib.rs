@@ -93,18 +93,18 @@
 //!
 //! `benches/adamw.rs` prints each step for every implementation as a fraction of a memcpy
 //! measured in the same run (the faster of a one-thread and a rayon memcpy). On a 2-core AMD EPYC
-//! (Zen 4) VM, 16 Mi f32 parameters, four runs in a row (memcpy limit 25.6–28.7 GB/s):
+//! (Zen 4) VM, 16 Mi f32 parameters, four runs in a row (memcpy limit 30.9–36.2 GB/s):
 //!
 //! | step | AVX-512 | AVX2 | baseline (SSE2) |
 //! |---|---|---|---|
-//! | 8-bit | 11.7–13.3 ms, 20.3–23.1 GB/s, **0.75–0.84** of memcpy | 15.2–21.3 ms, 0.47–0.67 | 17.3–22.7 ms, 0.44–0.61 |
-//! | 32-bit | 9.6–11.1 ms, 42–49 GB/s, 1.55–1.84 | | |
+//! | 8-bit | 10.9–11.5 ms, 23.4–24.8 GB/s, **0.65–0.80** of memcpy | 14.0–14.6 ms, 0.51–0.62 | 16.7–17.3 ms, 0.43–0.52 |
+//! | 32-bit | 7.4–9.4 ms, 50–63 GB/s, 1.62–1.81 | | |
 //!
 //! (The AVX2 and baseline rows use the best double-quant encoder of the CPU, AVX-512 here.) The
 //! memcpy of this shared VM moves between about 23 and 40 GB/s over a day; the 8-bit step is
-//! compute-bound, so at the top of that range its ratio falls to about 0.55–0.6.
+//! compute-bound, so at the top of that range its ratio is about 0.6.
 //!
-//! In cache (1 Mi parameters) the 8-bit step takes 0.61–0.63 ns per element on two cores, only
+//! In cache (1 Mi parameters) the 8-bit step takes about 0.61 ns per element on two cores, only
 //! 5–15 % less than from memory. Of that, the two re-quantizations take about 46 % (AVX-512:
 //! per-decade straight lines, no table load per value), the f32 update about 27 % (its IEEE
 //! division and square root occupy the divider for 16 cycles per 16 lanes), and the two
