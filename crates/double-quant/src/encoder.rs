@@ -67,20 +67,6 @@ impl Table {
         let off = d & ((1u32 << self.shift) - 1);
         ((e >> OFFSET_BITS) + u32::from(off >= e & ((1 << OFFSET_BITS) - 1))) as u8
     }
-
-    #[cfg_attr(not(all(target_arch = "x86_64", qlora_simd)), allow(dead_code))]
-    /// The code of any `x`: [`lookup`](Self::lookup) inside `[-1, 1]`, the binary search's clamps
-    /// outside (above 1: 255; below −1 and NaN: 0).
-    #[inline]
-    pub(crate) fn code(&self, x: f32) -> u8 {
-        if x.abs() <= 1.0 {
-            self.lookup(x)
-        } else if x > 1.0 {
-            255
-        } else {
-            0
-        }
-    }
 }
 
 /// Fixed-point scale of the segment coordinate in [`Segments`]: `2^15` units per code.

@@ -3,16 +3,16 @@
 //! **Encode.** Per vector: the optional normalization (`vmulps`; for `x / p` the product
 //! `x · (1/p)` when `p` and `1/p` are normal, otherwise `vdivps`), then the segment encoder of
 //! [`Segments`] with no memory access per lane: the octave of `|v|` (exponent bits, clamped)
-//! picks the split and the first segment from two-register tables (`vpermt2ps`, `vpermt2d`), one
-//! compare chooses the segment, three one-register permutes fetch its scale, offset and largest
-//! code, and one FMA, a truncation, a shift and a `vpminsd` give the code; the sign is mirrored
-//! (signed map) or zeroes it (unsigned), NaN gives 0. A vector with a lane flagged near a
-//! threshold or a split (about 1 in 50 on random data) is redone exactly: IEEE normalization,
-//! then the bucket table (`base + (offset >= step)`, 16 scalar loads — faster than `vpgatherdd`
-//! on AMD Zen 4 — clamped so every load stays in the table) with the binary search's clamps
-//! outside `[-1, 1]`. Flagging covers every value within 16 keys of a threshold, and the product
-//! `x · (1/p)` is within 4 keys of the quotient (see [`fix_flagged`]), so the codes are the
-//! division's. The last partial vector uses masked loads and stores.
+//! fetches one table entry (`vpermt2d`) holding the split inside the octave and the octave's
+//! first segment; an integer compare with the split picks the segment, three one-register
+//! permutes fetch its scale, offset and largest code, and one FMA, a truncation, a shift and a
+//! `vpminsd` give the code. The signed map mirrors negative values; for the unsigned map negative
+//! bit patterns are clamped to +0 first. 64 codes are packed with `vpackus*` and stored at once.
+//! Lanes flagged near a threshold or a split (about 1 in 1000 on random data) are then redone one
+//! by one with the IEEE normalization and [`Encoder::encode`] (see [`fix_flagged`]; NaN lanes get
+//! code 0 without it). Flagging covers every value within 8 keys of a threshold, and the product
+//! `x · (1/p)` is within 4 keys of the quotient, so the codes are the division's. The last
+//! partial vectors use masked loads and stores.
 //!
 //! **Decode.** With AVX-512 VBMI (Ice Lake, Zen 4 and later), 64 codes at a time from four byte
 //! planes of the map (each a 256-entry byte table in four registers: two `vpermt2b` and a blend
@@ -21,7 +21,7 @@
 //! 16 registers and is looked up with eight `vpermt2ps` and a blend tree (faster than
 //! `vgatherdps`, which is slower than scalar loads on AMD cores); `vmulps` by the scale.
 
-use crate::encoder::{Encoder, Segments, Table, NEAR_MASK, NEAR_UNITS, SPLIT_UP, SPLIT_WINDOW};
+use crate::encoder::{Encoder, Segments, NEAR_MASK, NEAR_UNITS, SPLIT_UP, SPLIT_WINDOW};
 use crate::simd::Normalize;
 use crate::{BytePlanes, DynamicMap};
 use core::arch::x86_64::*;
@@ -69,20 +69,20 @@ impl Kernel {
         out: &mut [u8],
     ) {
         assert_eq!(out.len(), x.len(), "encode: output length");
-        let (t, s) = (enc.table(), enc.segments());
         // SAFETY: `self` exists only after AVX-512 F, BW and VL were detected (`new`); `out` and
         // `x` have the same length (asserted), which is all the kernel's pointer accesses rely on.
         unsafe {
             match how {
-                Normalize::None => encode::<NORM_NONE>(t, s, x, size, ps, out),
-                Normalize::Mul => encode::<NORM_MUL>(t, s, x, size, ps, out),
-                Normalize::Div => encode::<NORM_DIV>(t, s, x, size, ps, out),
+                Normalize::None => encode::<NORM_NONE>(enc, x, size, ps, out),
+                Normalize::Mul => encode::<NORM_MUL>(enc, x, size, ps, out),
+                Normalize::Div => encode::<NORM_DIV>(enc, x, size, ps, out),
             }
         }
     }
 
     /// [`Implementation::update_blockwise`](crate::Implementation::update_blockwise) in one
-    /// function with the tables in registers; false (nothing done) without VBMI.
+    /// function with the tables in registers; without VBMI nothing is done and the states come
+    /// back as the error, for the caller's generic loop.
     #[inline]
     pub(crate) fn update_blocks<'a, U, A>(
         self,
@@ -266,7 +266,7 @@ fn segment_codes16<const SIGNED: bool>(c: &SegmentConsts, v: __m512) -> (__m512i
 }
 
 /// The exact codes of the flagged lanes `flags` (bit `l`: element `l`) of `x[..]`, written over
-/// `out[l]`: the IEEE normalization (`x · p` or `x / p`) and the bucket table.
+/// `out[l]`: the IEEE normalization (`x · p` or `x / p`) and [`Encoder::encode`].
 ///
 /// This is what the segment path falls back to. Its product `x · (1/p)` is `RN(x · RN(1/p))`,
 /// within 2 ulps of `RN(x / p)` (the reciprocal's relative error is at most 2⁻²⁴, less than one
@@ -275,7 +275,7 @@ fn segment_codes16<const SIGNED: bool>(c: &SegmentConsts, v: __m512) -> (__m512i
 /// so an unflagged product has the quotient's code.
 #[cold]
 #[inline(never)]
-fn fix_flagged<const NORM: u8>(t: &Table, x: &[f32], p: f32, mut flags: u64, out: &mut [u8]) {
+fn fix_flagged<const NORM: u8>(enc: &Encoder, x: &[f32], p: f32, mut flags: u64, out: &mut [u8]) {
     while flags != 0 {
         let l = flags.trailing_zeros() as usize;
         flags &= flags - 1;
@@ -284,7 +284,7 @@ fn fix_flagged<const NORM: u8>(t: &Table, x: &[f32], p: f32, mut flags: u64, out
             NORM_DIV => x[l] / p,
             _ => x[l],
         };
-        out[l] = t.code(v);
+        out[l] = enc.encode(v);
     }
 }
 
@@ -293,33 +293,50 @@ fn fix_flagged<const NORM: u8>(t: &Table, x: &[f32], p: f32, mut flags: u64, out
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
 unsafe fn encode<const NORM: u8>(
-    t: &Table,
-    s: &Segments,
+    enc: &Encoder,
     x: &[f32],
     size: usize,
     ps: &[f32],
     out: &mut [u8],
 ) {
-    let sc = segment_consts(s);
+    let sc = segment_consts(enc.segments());
     for ((x, out), &p) in x.chunks(size).zip(out.chunks_mut(size)).zip(ps) {
         // SAFETY: the caller's contract (chunked alike, so the lengths stay equal).
-        unsafe {
-            if s.signed {
-                encode_segments::<NORM, true>(t, &sc, x, p, out)
-            } else {
-                encode_segments::<NORM, false>(t, &sc, x, p, out)
-            }
+        unsafe { encode_with::<NORM>(enc, &sc, x, p, out) }
+    }
+}
+
+/// [`encode_segments`] for the signedness of `enc`'s map.
+///
+/// # Safety
+/// AVX-512 F, BW and VL are available; `out.len() == x.len()`; `sc` are the constants of
+/// `enc`'s segments.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn encode_with<const NORM: u8>(
+    enc: &Encoder,
+    sc: &SegmentConsts,
+    x: &[f32],
+    p: f32,
+    out: &mut [u8],
+) {
+    // SAFETY: the caller's contract; the const parameter is the map's signedness.
+    unsafe {
+        if enc.segments().signed {
+            encode_segments::<NORM, true>(enc, sc, x, p, out)
+        } else {
+            encode_segments::<NORM, false>(enc, sc, x, p, out)
         }
     }
 }
 
 /// # Safety
-/// AVX-512 F, BW and VL are available; `out.len() == x.len()`; `sc` are the constants of the
-/// segments of `t`'s encoder and `SIGNED` is their signedness.
+/// AVX-512 F, BW and VL are available; `out.len() == x.len()`; `sc` are the constants of
+/// `enc`'s segments and `SIGNED` is their signedness.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn encode_segments<const NORM: u8, const SIGNED: bool>(
-    t: &Table,
+    enc: &Encoder,
     sc: &SegmentConsts,
     x: &[f32],
     p: f32,
@@ -366,7 +383,7 @@ unsafe fn encode_segments<const NORM: u8, const SIGNED: bool>(
                 _mm512_mask_storeu_epi8(dst.add(i).cast(), nan, _mm512_setzero_si512());
                 let rest = flags & !nan;
                 if rest != 0 {
-                    fix_flagged::<NORM>(t, &x[i..i + 64], p, rest, &mut out[i..i + 64]);
+                    fix_flagged::<NORM>(enc, &x[i..i + 64], p, rest, &mut out[i..i + 64]);
                 }
             }
         }
@@ -386,7 +403,13 @@ unsafe fn encode_segments<const NORM: u8, const SIGNED: bool>(
             flags & m & !nan
         };
         if flags != 0 {
-            fix_flagged::<NORM>(t, &x[i..i + len], p, u64::from(flags), &mut out[i..i + len]);
+            fix_flagged::<NORM>(
+                enc,
+                &x[i..i + len],
+                p,
+                u64::from(flags),
+                &mut out[i..i + len],
+            );
         }
         i += 16;
     }
@@ -546,20 +569,11 @@ unsafe fn update_blocks_vbmi<U, A>(
         decode_block(&planes[1], c2, pad[1], *a2, &mut s2);
         let [new1, new2] = update(j, &mut s1, &mut s2);
         let m = c1.len();
-        for (k, (x, out, p)) in [(&s1[..m], &mut *c1, new1), (&s2[..m], &mut *c2, new2)]
-            .into_iter()
-            .enumerate()
-        {
-            let t = enc[k].table();
-            // SAFETY: features detected (caller); `x` and `out` both hold `m` elements; `sc[k]`
-            // are the constants of `enc[k]`'s segments, whose signedness picks `SIGNED`.
-            unsafe {
-                if enc[k].segments().signed {
-                    encode_segments::<NORM_DIV, true>(t, &sc[k], x, p, out)
-                } else {
-                    encode_segments::<NORM_DIV, false>(t, &sc[k], x, p, out)
-                }
-            }
+        // SAFETY: features detected (caller); `s1[..m]` and `c1` (`s2[..m]` and `c2`) both hold
+        // `m` elements; `sc[k]` are the constants of `enc[k]`'s segments.
+        unsafe {
+            encode_with::<NORM_DIV>(enc[0], &sc[0], &s1[..m], new1, c1);
+            encode_with::<NORM_DIV>(enc[1], &sc[1], &s2[..m], new2, c2);
         }
         after(j, c1, c2, &s1, &s2);
         *a1 = new1;
@@ -665,7 +679,7 @@ mod tests {
                         _mm512_storeu_si512(codes.as_mut_ptr().cast(), code);
                         for l in 0..16 {
                             if f >> l & 1 == 0 {
-                                let exact = enc.table().code(x[l]);
+                                let exact = enc.encode(x[l]);
                                 assert_eq!(codes[l], i32::from(exact), "x = {:e}", x[l]);
                             }
                         }
