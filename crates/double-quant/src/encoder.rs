@@ -280,6 +280,22 @@ impl Segments {
     }
 }
 
+/// The 255 threshold keys of `map`, ascending: the code of `x` is the number of `k` with
+/// `key(x) > kt[k]`. For odd `k` the threshold is the next f32 below the midpoint
+/// `(code[k] + code[k+1]) * 0.5` (key one lower), so a tie moves up to the even index.
+pub(crate) fn threshold_keys(map: &DynamicMap) -> Vec<u32> {
+    let code = map.values();
+    let kt: Vec<u32> = (0..255)
+        .map(|k| {
+            let mid = (code[k] + code[k + 1]) * 0.5;
+            assert!(mid != 0.0 && mid.is_finite());
+            key(mid) - (k as u32 & 1)
+        })
+        .collect();
+    assert!(kt.windows(2).all(|w| w[0] < w[1]));
+    kt
+}
+
 /// Fast exact encoder for one dynamic map: [`DynamicMap::encode`], code for code, without the
 /// binary search.
 ///
@@ -313,17 +329,7 @@ pub struct Encoder {
 
 impl Encoder {
     fn new(map: &'static DynamicMap) -> Self {
-        let code = map.values();
-        // Threshold keys: the code of `x` is the number of `k` with `key(x) > kt[k]`. For odd `k`
-        // the threshold is the next f32 below the midpoint (key one lower), so a tie moves up.
-        let kt: Vec<u32> = (0..255)
-            .map(|k| {
-                let mid = (code[k] + code[k + 1]) * 0.5;
-                assert!(mid != 0.0 && mid.is_finite());
-                key(mid) - (k as u32 & 1)
-            })
-            .collect();
-        assert!(kt.windows(2).all(|w| w[0] < w[1]));
+        let kt = threshold_keys(map);
         let min_gap = kt.windows(2).map(|w| w[1] - w[0]).min().unwrap_or(u32::MAX);
         // The widest buckets that hold at most one threshold each.
         let shift = min_gap.ilog2().min(OFFSET_BITS - 1);
@@ -570,14 +576,6 @@ mod segment_tests {
             (DynamicMap::signed(), Encoder::signed()),
             (DynamicMap::unsigned(), Encoder::unsigned()),
         ]
-    }
-
-    /// The threshold keys of a map, recomputed as `Encoder::new` does.
-    fn threshold_keys(map: &DynamicMap) -> Vec<u32> {
-        let code = map.values();
-        (0..255)
-            .map(|k| key((code[k] + code[k + 1]) * 0.5) - (k as u32 & 1))
-            .collect()
     }
 
     #[test]
