@@ -182,12 +182,7 @@ impl Implementation {
         ps: &[f32],
         out: &mut [u8],
     ) {
-        assert!(size > 0, "block size 0");
-        assert_eq!(
-            ps.len(),
-            x.len().div_ceil(size),
-            "one divisor or scale per block"
-        );
+        check_blocks(x.len(), size, ps.len(), "one divisor or scale per block");
         self.encode(enc, x, how, size, ps, out)
     }
 
@@ -394,12 +389,7 @@ impl Implementation {
         scales: &[f32],
         out: &mut [f32],
     ) {
-        assert!(size > 0, "block size 0");
-        assert_eq!(
-            scales.len(),
-            codes.len().div_ceil(size),
-            "one scale per block"
-        );
+        check_blocks(codes.len(), size, scales.len(), "one scale per block");
         self.decode(map, codes, size, scales, out)
     }
 
@@ -424,6 +414,15 @@ impl std::fmt::Display for Implementation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// The checks of the block forms: `size > 0` and one factor per started block of `n` elements.
+///
+/// # Panics
+/// With `block size 0`, or with `what` when `factors` is not the number of blocks.
+fn check_blocks(n: usize, size: usize, factors: usize, what: &str) {
+    assert!(size > 0, "block size 0");
+    assert_eq!(factors, n.div_ceil(size), "{what}");
 }
 
 #[inline(always)]

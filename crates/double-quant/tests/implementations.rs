@@ -442,42 +442,27 @@ fn update_blockwise_equals_a_per_element_reference_for_every_implementation() {
 
 #[test]
 fn update_blockwise_rejects_inconsistent_lengths() {
-    let (mut c1, mut c2) = (vec![0u8; 300], vec![0u8; 299]);
-    let (mut a1, mut a2) = (vec![1f32; 2], vec![1f32; 2]);
-    let states = BlockwiseStatesMut {
-        state1: &mut c1,
-        absmax1: &mut a1,
-        state2: &mut c2,
-        absmax2: &mut a2,
-    };
-    let err = Implementation::best()
-        .update_blockwise(
-            [Encoder::signed(), Encoder::unsigned()],
-            [128, 0],
-            states,
-            test_update,
-            |_, _, _, _, _| {},
-        )
-        .unwrap_err();
-    assert!(err.to_string().contains("state2"), "{err}");
-    let mut c2 = vec![0u8; 300];
-    let mut a2 = vec![1f32; 1];
-    let states = BlockwiseStatesMut {
-        state1: &mut c1,
-        absmax1: &mut a1,
-        state2: &mut c2,
-        absmax2: &mut a2,
-    };
-    let err = Implementation::best()
-        .update_blockwise(
-            [Encoder::signed(), Encoder::unsigned()],
-            [128, 0],
-            states,
-            test_update,
-            |_, _, _, _, _| {},
-        )
-        .unwrap_err();
-    assert!(err.to_string().contains("absmax2"), "{err}");
+    // (state2 length, absmax2 length, the buffer the error must name), for 300 elements.
+    for (n2, nb2, what) in [(299, 2, "state2"), (300, 1, "absmax2")] {
+        let (mut c1, mut c2) = (vec![0u8; 300], vec![0u8; n2]);
+        let (mut a1, mut a2) = (vec![1f32; 2], vec![1f32; nb2]);
+        let states = BlockwiseStatesMut {
+            state1: &mut c1,
+            absmax1: &mut a1,
+            state2: &mut c2,
+            absmax2: &mut a2,
+        };
+        let err = Implementation::best()
+            .update_blockwise(
+                [Encoder::signed(), Encoder::unsigned()],
+                [128, 0],
+                states,
+                test_update,
+                |_, _, _, _, _| {},
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains(what), "{err}");
+    }
 }
 
 #[test]
