@@ -15,7 +15,6 @@
 
 use crate::element::Element;
 use crate::kernel::{block_update, task_32bit, task_8bit, Consts, Implementation, Task32, Task8};
-use qlora_double_quant::Implementation as DqImplementation;
 
 /// True when `imp` can run on this CPU.
 pub(crate) fn is_available(imp: Implementation) -> bool {
@@ -66,14 +65,14 @@ pub(crate) fn run_8bit<P: Element, G: Element>(
         Implementation::Avx512 if x86_64::has_avx512() => {
             // SAFETY: the CPU has every feature `task_8bit_avx512` is compiled for (checked in the
             // match guard).
-            unsafe { x86_64::task_8bit_avx512(DqImplementation::active(), t, k) }
+            unsafe { x86_64::task_8bit_avx512(t, k) }
         }
         #[cfg(target_arch = "x86_64")]
         Implementation::Avx2 if x86_64::has_avx2() => {
             // SAFETY: the CPU has AVX2 (checked in the match guard).
-            unsafe { x86_64::task_8bit_avx2(DqImplementation::active(), t, k) }
+            unsafe { x86_64::task_8bit_avx2(t, k) }
         }
-        _ => task_8bit(DqImplementation::active(), t, k, block_update),
+        _ => task_8bit(t, |p, g, s1, s2, gbuf| block_update(p, g, s1, s2, gbuf, k)),
     }
 }
 
@@ -118,29 +117,17 @@ mod x86_64 {
     /// # Safety
     /// The CPU must have AVX-512 F, BW, DQ and VL.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-    pub(super) unsafe fn task_8bit_avx512<P: Element, G: Element>(
-        dq: DqImplementation,
-        t: Task8<'_, P, G>,
-        k: &Consts,
-    ) {
+    pub(super) unsafe fn task_8bit_avx512<P: Element, G: Element>(t: Task8<'_, P, G>, k: &Consts) {
         // The closure inherits this function's target features.
-        task_8bit(dq, t, k, |p, g, s1, s2, gbuf, k| {
-            block_update(p, g, s1, s2, gbuf, k)
-        })
+        task_8bit(t, |p, g, s1, s2, gbuf| block_update(p, g, s1, s2, gbuf, k))
     }
 
     /// # Safety
     /// The CPU must have AVX2.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn task_8bit_avx2<P: Element, G: Element>(
-        dq: DqImplementation,
-        t: Task8<'_, P, G>,
-        k: &Consts,
-    ) {
+    pub(super) unsafe fn task_8bit_avx2<P: Element, G: Element>(t: Task8<'_, P, G>, k: &Consts) {
         // The closure inherits this function's target features.
-        task_8bit(dq, t, k, |p, g, s1, s2, gbuf, k| {
-            block_update(p, g, s1, s2, gbuf, k)
-        })
+        task_8bit(t, |p, g, s1, s2, gbuf| block_update(p, g, s1, s2, gbuf, k))
     }
 
     /// # Safety

@@ -227,7 +227,7 @@ pub(crate) struct Task8<'t, P, G> {
     pub(crate) a2: &'t mut [f32],
 }
 
-/// The 8-bit update of one task, block by block, through `dq`'s
+/// The 8-bit update of one task, block by block, through `qlora-double-quant`'s
 /// [`update_blockwise`](qlora_double_quant::Implementation::update_blockwise) (one call per task:
 /// the SIMD tables are set up once). Inlined into each `crate::arch` copy, which compiles it (and
 /// the block closure, inlined into the double-quant driver) for its instruction set.
@@ -240,22 +240,18 @@ pub(crate) struct Task8<'t, P, G> {
 /// 3. `update_blockwise` re-quantizes with `s / new_absmax`, then the sign fix runs on the
 ///    first moment's codes.
 ///
-/// `block` is [`block_update`] wrapped in a closure by the caller: a closure defined inside a
-/// `#[target_feature]` function is compiled with its features even where it is not inlined.
+/// `block` is [`block_update`] with `k` wrapped in a closure by the caller: a closure defined
+/// inside a `#[target_feature]` function is compiled with its features even where it is not
+/// inlined.
 #[inline(always)]
-pub(crate) fn task_8bit<P: Element, G: Element, F>(
-    dq: qlora_double_quant::Implementation,
-    t: Task8<'_, P, G>,
-    k: &Consts,
-    mut block: F,
-) where
+pub(crate) fn task_8bit<P: Element, G: Element, F>(t: Task8<'_, P, G>, mut block: F)
+where
     F: FnMut(
         &mut [P],
         &[G],
         &mut [f32; OPTIMIZER_BLOCKSIZE],
         &mut [f32; OPTIMIZER_BLOCKSIZE],
         &mut [f32; OPTIMIZER_BLOCKSIZE],
-        &Consts,
     ) -> [f32; 2],
 {
     const B: usize = OPTIMIZER_BLOCKSIZE;
@@ -283,7 +279,7 @@ pub(crate) fn task_8bit<P: Element, G: Element, F>(
     let update = |j: usize, s1: &mut [f32; B], s2: &mut [f32; B]| {
         let lo = j * B;
         let hi = (lo + B).min(n);
-        let new_absmax = block(&mut p[lo..hi], &g[lo..hi], s1, s2, &mut gbuf, k);
+        let new_absmax = block(&mut p[lo..hi], &g[lo..hi], s1, s2, &mut gbuf);
         odd_absmax1.set(!(new_absmax[0] > 0.0 && new_absmax[0] < f32::INFINITY));
         // Hint the next block into the cache while this one is re-quantized (pure computation
         // on L1 data). Measured on Zen 4: this place beats the start of the block, and one block
@@ -309,14 +305,17 @@ pub(crate) fn task_8bit<P: Element, G: Element, F>(
             }
         }
     };
-    dq.update_blockwise(
-        [Encoder::signed(), Encoder::unsigned()],
-        [128, 0],
-        states,
-        update,
-        sign_fix_codes,
-    )
-    .expect("state lengths are checked by step_8bit");
+    // The active implementation (every one gives the same codes; `QLORA_FORCE_SCALAR=1` selects
+    // the scalar one, as for this crate's own loops).
+    qlora_double_quant::Implementation::active()
+        .update_blockwise(
+            [Encoder::signed(), Encoder::unsigned()],
+            [128, 0],
+            states,
+            update,
+            sign_fix_codes,
+        )
+        .expect("state lengths are checked by step_8bit");
 }
 
 /// Lanes of the running absmax reductions: one AVX-512 register (four SSE2 registers), so the
