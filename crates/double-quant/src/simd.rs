@@ -156,7 +156,7 @@ impl Implementation {
         assert!(out.len() >= x.len(), "encode: output shorter than input");
         let out = &mut out[..x.len()];
         dispatch!(self, k => k.encode(enc, x, how, size, ps, out), {
-            for ((x, out), &p) in x.chunks(size).zip(out.chunks_mut(size)).zip(ps) {
+            for (x, out, p) in blocks(x, out, size, ps) {
                 match how {
                     Normalize::None => scalar_encode(enc, x, out, |v| v),
                     Normalize::Mul => scalar_encode(enc, x, out, |v| v * p),
@@ -401,7 +401,7 @@ impl Implementation {
         );
         let out = &mut out[..codes.len()];
         dispatch!(self, k => k.decode_scaled(map, codes, size, scales, out), {
-            for ((codes, out), &scale) in codes.chunks(size).zip(out.chunks_mut(size)).zip(scales) {
+            for (codes, out, scale) in blocks(codes, out, size, scales) {
                 for (o, &c) in out.iter_mut().zip(codes) {
                     *o = map.values()[c as usize] * scale;
                 }
@@ -414,6 +414,20 @@ impl std::fmt::Display for Implementation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// The blocks of a per-block kernel call: `size` elements of `x` and of `out` with the factor
+/// (scale or divisor) of each block; the last block may be shorter.
+pub(crate) fn blocks<'a, T, U>(
+    x: &'a [T],
+    out: &'a mut [U],
+    size: usize,
+    factors: &'a [f32],
+) -> impl Iterator<Item = (&'a [T], &'a mut [U], f32)> {
+    x.chunks(size)
+        .zip(out.chunks_mut(size))
+        .zip(factors)
+        .map(|((x, out), &p)| (x, out, p))
 }
 
 /// The checks of the block forms: `size > 0` and one factor per started block of `n` elements.

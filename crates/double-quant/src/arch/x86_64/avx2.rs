@@ -48,7 +48,7 @@ impl Kernel {
     ) {
         let t = enc.table();
         assert_eq!(out.len(), x.len(), "encode: output length");
-        for ((x, out), &p) in x.chunks(size).zip(out.chunks_mut(size)).zip(ps) {
+        for (x, out, p) in crate::simd::blocks(x, out, size, ps) {
             // SAFETY: `self` exists only after AVX2 was detected (`new`); `out` and `x` have the
             // same length (asserted, and chunked alike), which is all the kernel's pointer
             // accesses rely on.
@@ -80,7 +80,7 @@ impl Kernel {
     ) {
         assert_eq!(out.len(), codes.len(), "decode: output length");
         let values = map.values();
-        for ((codes, out), &scale) in codes.chunks(size).zip(out.chunks_mut(size)).zip(scales) {
+        for (codes, out, scale) in crate::simd::blocks(codes, out, size, scales) {
             decode_scaled(values, codes, scale, out)
         }
     }

@@ -148,7 +148,7 @@ impl Kernel {
             }
             return;
         }
-        for ((codes, out), &scale) in codes.chunks(size).zip(out.chunks_mut(size)).zip(scales) {
+        for (codes, out, scale) in crate::simd::blocks(codes, out, size, scales) {
             let (codes, out) = if self.vbmi {
                 let whole = codes.len() / 64 * 64;
                 let (c64, c_rest) = codes.split_at(whole);
@@ -300,7 +300,7 @@ unsafe fn encode<const NORM: u8>(
     out: &mut [u8],
 ) {
     let sc = segment_consts(enc.segments());
-    for ((x, out), &p) in x.chunks(size).zip(out.chunks_mut(size)).zip(ps) {
+    for (x, out, p) in crate::simd::blocks(x, out, size, ps) {
         // SAFETY: the caller's contract (chunked alike, so the lengths stay equal).
         unsafe { encode_with::<NORM>(enc, &sc, x, p, out) }
     }
