@@ -1,0 +1,11 @@
+//! QLoRA for [candle](https://github.com/huggingface/candle): fine-tune a model whose frozen base
+//! weights are stored in 4 bits (NF4/FP4 with double quantization, bitsandbytes' layout) by
+//! training LoRA adapters with 8-bit (paged) AdamW, through candle's autograd, on CPU or CUDA.
+//!
+//! # Should I use this crate?
+//!
+//! Use it when your model runs in candle (or mistral.rs) and you want QLoRA layers and optimizers
+//! that speak candle's idioms (`Module`, `Var`, `Optimizer`). The math underneath lives in the
+//! framework-free layers (`qlora-codec`, `qlora-lora`, `qlora-optim`); use those directly from
+//! another framework.
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
