@@ -100,6 +100,10 @@ pub use io::{
     quantized_tensors, read_checkpoint_bytes, write_safetensors, write_safetensors_atomic,
     Checkpoint, Entry, MappedFile, OwnedTensor, TensorData,
 };
+/// Atomic outputs (re-exported `qlora-atomic-write`): the temporary-file and folder guard every
+/// writer of this crate uses, the signal clean-up a program installs with one call, and the
+/// removal of leftovers of killed runs.
+pub use qlora_atomic_write as atomic;
 pub use quant_state::{python_float_repr, QuantState, QuantStateError, MAX_NUMEL};
 pub use select::{default_rule, Selection};
 pub use transform::{dequantize_file, quantize_file, Action, QuantizeFileOptions, TensorReport};
@@ -209,6 +213,15 @@ pub enum Error {
     /// A bad option (e.g. an invalid regular expression or block size).
     #[error("invalid option: {0}")]
     Option(String),
+}
+
+impl From<qlora_atomic_write::Error> for Error {
+    fn from(e: qlora_atomic_write::Error) -> Self {
+        Error::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 /// Shorthand for results of this crate.
