@@ -77,8 +77,10 @@
 //! RSS; `crates/cli/tests/cli.rs`). Output shards follow transformers' `max_shard_size` rule
 //! (default 50 GB as in transformers 5, so most models give one `model.safetensors`); see
 //! [`convert_model`]. Output is written to a hidden temporary name next to the destination
-//! and renamed at the end: a failed run leaves nothing (a killed one leaves only the hidden
-//! `.NAME.tmp-PID`).
+//! (`.NAME.tmp-PID`, through [`atomic::TempOutput`]) and renamed at the end: a failed run leaves
+//! nothing and an existing output untouched; a program that calls
+//! [`atomic::install_signal_cleanup`] also leaves nothing when stopped by SIGINT/SIGTERM/SIGHUP;
+//! the temporary of a run killed outright is removed by the next write of the same output.
 #![deny(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
