@@ -4,7 +4,7 @@
 use crate::temp::{in_flight, remove_path};
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM, SIGXFSZ};
 use signal_hook::iterator::Signals;
-use std::io;
+use std::io::{self, IsTerminal};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -64,7 +64,13 @@ fn stop(signal: i32) -> ! {
             removed.push(path);
         }
     }
-    eprintln!("{}", stop_message(signal, &removed));
+    // On a terminal, clear a progress bar the line would otherwise continue.
+    let clear = if std::io::stderr().is_terminal() {
+        "\r\x1b[2K"
+    } else {
+        ""
+    };
+    eprintln!("{clear}{}", stop_message(signal, &removed));
     std::process::exit(128 + signal)
 }
 
