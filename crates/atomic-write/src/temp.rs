@@ -352,8 +352,9 @@ impl TempOutput {
 
     /// Flush the temporary to disk and rename it over the output. A file replaces an existing
     /// file in one rename. A folder takes the place of a missing output or an empty folder; an
-    /// existing output is swapped with it in one step (Linux `renameat2(RENAME_EXCHANGE)`; on
-    /// other systems an existing non-empty output is an error) and then removed.
+    /// existing folder is swapped with it in one step (Linux `renameat2(RENAME_EXCHANGE)`; on
+    /// other systems an existing non-empty folder is an error) and then removed, so readers see
+    /// the old folder or the new one, never a mix.
     ///
     /// # Errors
     ///
@@ -364,7 +365,14 @@ impl TempOutput {
         let mut registry = in_flight();
         let swapped = match std::fs::rename(&self.temp, &self.target) {
             Ok(()) => false,
-            Err(e) if self.folder && e.kind() != io::ErrorKind::NotFound => {
+            // rename(2) does not replace a non-empty folder: swap the two instead.
+            Err(e)
+                if self.folder
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::DirectoryNotEmpty | io::ErrorKind::AlreadyExists
+                    ) =>
+            {
                 exchange(&self.temp, &self.target).map_err(|_| Error::new(&self.output, e))?;
                 true
             }
