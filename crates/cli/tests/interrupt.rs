@@ -24,7 +24,11 @@ fn listing(dir: &Path) -> Vec<String> {
 
 /// A bf16 model of `layers` 1024 × 4096 linear weights (8 MiB each) in `dir/in.safetensors`.
 fn big_input(dir: &Path, layers: usize) -> PathBuf {
-    let path = dir.join("in.safetensors");
+    big_input_at(&dir.join("in.safetensors"), layers)
+}
+
+fn big_input_at(path: &Path, layers: usize) -> PathBuf {
+    let path = path.to_path_buf();
     let rows = 1024;
     let cols = 4096;
     let w: Vec<bf16> = (0..rows * cols)
@@ -80,11 +84,26 @@ fn stderr_of(child: Child) -> (std::process::ExitStatus, String) {
 /// be finished before the signal lands is doubled and the run repeated, so the test never
 /// depends on the machine's speed. Returns the exit status and standard error.
 fn interrupted(dir: &Path, signal: Signal) -> (std::process::ExitStatus, String) {
-    let output = dir.join("out.safetensors");
+    interrupted_run(dir, signal, false)
+}
+
+/// [`interrupted`], with a model folder `dir/model` converted into the folder `dir/out` when
+/// `folder`, else `dir/in.safetensors` into `dir/out.safetensors` (an earlier output there).
+fn interrupted_run(dir: &Path, signal: Signal, folder: bool) -> (std::process::ExitStatus, String) {
+    let output = dir.join(if folder { "out" } else { "out.safetensors" });
     let mut layers = 4;
     loop {
-        let input = big_input(dir, layers);
-        std::fs::write(&output, PREVIOUS).unwrap();
+        let input = if folder {
+            std::fs::create_dir_all(dir.join("model")).unwrap();
+            big_input_at(&dir.join("model/model.safetensors"), layers);
+            dir.join("model")
+        } else {
+            std::fs::write(&output, PREVIOUS).unwrap();
+            big_input(dir, layers)
+        };
+        if folder {
+            let _ = std::fs::remove_dir_all(&output);
+        }
         let mut child = quantize(&input, &output).spawn().unwrap();
         let temp = temp_of(&output, &child);
         if wait_for(&mut child, &temp) {
@@ -138,6 +157,20 @@ fn signals_mid_write_leave_nothing_and_exit_with_the_shells_status() {
             PREVIOUS
         );
     }
+}
+
+#[test]
+fn folder_output_stopped_mid_write_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (status, err) = interrupted_run(tmp.path(), Signal::TERM, true);
+    assert_eq!(status.code(), Some(143), "{status:?}, stderr: {err}");
+    assert!(
+        err.contains("qlora: stopped by SIGTERM; removed the unfinished output ")
+            && err.contains(".out.tmp-"),
+        "{err}"
+    );
+    assert_eq!(listing(tmp.path()), ["model"]);
+    assert_eq!(listing(&tmp.path().join("model")), ["model.safetensors"]);
 }
 
 #[test]
