@@ -9,6 +9,7 @@
 //!
 //! | module | crate | what it does |
 //! |---|---|---|
+//! | [`atomic_write`] | `qlora-atomic-write` | atomic file and folder outputs (training checkpoints too); temporaries removed on errors, signals (one call) and after killed runs |
 //! | [`double_quant`] | `qlora-double-quant` | bitsandbytes' dynamic 8-bit maps, blockwise 8-bit codec, double quantization of the absmax |
 //! | [`codec`] | `qlora-codec` | NF4/FP4 4-bit blockwise quantization, SIMD kernels with a scalar oracle, INT4 baseline |
 //! | [`checkpoint`] | `qlora-checkpoint` | bitsandbytes/transformers 4-bit safetensors files, byte-exact quant-state JSON |
@@ -111,6 +112,7 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
+//! | `atomic-write` | yes | [`atomic_write`] |
 //! | `double-quant` | yes | [`double_quant`] |
 //! | `codec` | yes | [`codec`] (implies `double-quant`) |
 //! | `checkpoint` | yes | [`checkpoint`] (implies `codec`) |
@@ -137,6 +139,9 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "atomic-write")]
+#[doc(inline)]
+pub use qlora_atomic_write as atomic_write;
 #[cfg(feature = "checkpoint")]
 #[doc(inline)]
 pub use qlora_checkpoint as checkpoint;
