@@ -9,3 +9,5 @@
 //! framework-free layers (`qlora-codec`, `qlora-lora`, `qlora-optim`); use those directly from
 //! another framework.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+pub mod llama;
