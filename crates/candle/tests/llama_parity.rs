@@ -76,6 +76,22 @@ fn logits_and_loss_match_transformers_f32() {
 }
 
 #[test]
+fn sliding_window_is_applied() {
+    // The window (5 < 12 tokens) must matter: without it the logits are far from transformers'.
+    let dir = testdata("llama").join("mistral-window");
+    let mut cfg = LlamaConfig::from_file(dir.join("config.json")).unwrap();
+    cfg.sliding_window = None;
+    let tensors = load_safetensors(&dir, &Device::Cpu).unwrap();
+    let model =
+        LlamaForCausalLM::from_tensors(&cfg, tensors, DType::F32, &Device::Cpu, &mut DenseLinears)
+            .unwrap();
+    let r = reference("mistral-window");
+    let rel =
+        max_diff(&model.forward(&r["input_ids"]).unwrap(), &r["logits"]) / max_abs(&r["logits"]);
+    assert!(rel > 1e-3, "{rel}");
+}
+
+#[test]
 fn sharded_bf16_folder_loads_and_matches_transformers() {
     // testdata/checkpoints/tiny-llama-bf16: 3 shards + index, bf16, logits from transformers' bf16
     // forward. Ours in bf16 accumulates differently, and in f32 rounds less, so the bound is a

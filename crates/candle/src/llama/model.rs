@@ -47,6 +47,16 @@ impl LinearFactory for DenseLinears {
     }
 }
 
+/// The dtype norms, softmax and the loss are computed in: f32, or f64 for an f64 model (so that
+/// gradients can be checked against f64 finite differences).
+fn upcast(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 struct RmsNorm {
     weight: Tensor,
     eps: f64,
@@ -55,7 +65,7 @@ struct RmsNorm {
 impl RmsNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = xs.dtype();
-        let x = xs.to_dtype(DType::F32)?;
+        let x = xs.to_dtype(upcast(dtype))?;
         let var = x.sqr()?.mean_keepdim(D::Minus1)?;
         let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         x.to_dtype(dtype)?.broadcast_mul(&self.weight)
@@ -116,8 +126,8 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
         let dtype = scores.dtype();
-        let probs =
-            candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(dtype)?;
+        let probs = candle_nn::ops::softmax(&scores.to_dtype(upcast(dtype))?, D::Minus1)?
+            .to_dtype(dtype)?;
         let out = probs.matmul(&v)?;
         let out = out
             .transpose(1, 2)?
@@ -492,7 +502,7 @@ pub fn varmap_tensors(varmap: &VarMap) -> HashMap<String, Tensor> {
 /// transformers' causal-LM loss: mean cross-entropy (in f32) of `logits[:, i]` against
 /// `labels[:, i + 1]` over the positions whose label is not [`IGNORE_INDEX`] (-100).
 /// `logits`: `[batch, seq, vocab]`; `labels`: `[batch, seq]` (any integer dtype). Returns a
-/// scalar f32 tensor. Errors if no position is labelled or a label is out of range.
+/// scalar f32 tensor (f64 for f64 logits). Errors if no position is labelled or a label is out of range.
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor, LlamaError> {
     let (b, t, v) = logits.dims3()?;
     let (lb, lt) = labels.dims2()?;
@@ -533,11 +543,11 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor, LlamaE
         &logits
             .narrow(1, 0, t - 1)?
             .reshape((n, v))?
-            .to_dtype(DType::F32)?,
+            .to_dtype(upcast(logits.dtype()))?,
         D::Minus1,
     )?;
     let index = Tensor::from_vec(index, (n, 1), device)?;
-    let keep = Tensor::from_vec(keep, n, device)?;
+    let keep = Tensor::from_vec(keep, n, device)?.to_dtype(logp.dtype())?;
     let picked = logp.gather(&index, 1)?.squeeze(1)?;
     Ok(((picked * keep)?.sum_all()? * (-1.0 / count as f64))?)
 }
