@@ -367,13 +367,13 @@ impl LlamaConfig {
                 self.hidden_act
             ));
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if !self.rms_norm_eps.is_finite() || self.rms_norm_eps <= 0.0 {
             return bad(format!(
                 "rms_norm_eps {} is not positive",
                 self.rms_norm_eps
             ));
         }
-        if !(self.rope_theta() > 0.0) {
+        if !self.rope_theta().is_finite() || self.rope_theta() <= 0.0 {
             return bad(format!("rope_theta {} is not positive", self.rope_theta()));
         }
         if self.attention_window() == Some(0) {
@@ -432,7 +432,7 @@ impl LlamaConfig {
                         let f = f as f64;
                         let wavelen = 2.0 * std::f64::consts::PI / f;
                         let scaled = if wavelen > low_wavelen { f / factor } else { f };
-                        let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                        let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                         if medium {
                             let smooth = (old / wavelen - low) / (high - low);
                             ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32

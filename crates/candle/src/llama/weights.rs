@@ -121,7 +121,7 @@ pub fn torch_dtype_name(dtype: DType) -> &'static str {
 /// `config.json` (with `dtype` set to the tensors' dtype) and `model.safetensors` (metadata
 /// `format: pt`). `tensors` must hold every parameter `cfg` needs with its shape (checked first,
 /// so nothing is written on error); other tensors are not written. The folder is created if
-/// needed.
+/// needed; a `model.safetensors.index.json` already there is removed.
 pub fn save_pretrained(
     dir: impl AsRef<Path>,
     cfg: &LlamaConfig,
@@ -142,6 +142,11 @@ pub fn save_pretrained(
         owned.push((name, t));
     }
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    // A stale shard index would make loaders look for shards instead of this file.
+    let stale = dir.join(SAFETENSORS_INDEX_FILE);
+    if stale.is_file() {
+        std::fs::remove_file(&stale).map_err(io_err(&stale))?;
+    }
     let mut cfg = cfg.clone();
     cfg.dtype = Some(torch_dtype_name(dtype).to_string());
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
