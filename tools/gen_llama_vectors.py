@@ -12,6 +12,12 @@ Written (see testdata/README.md, section "llama"), one folder per tiny random co
                                                   (a few -100), logits F32 [2, 12, vocab],
                                                   loss F32 [] (model(input_ids, labels=labels).loss)
 
+  tokenizer/corpus.txt      the first 16 000 bytes of crates/cli/data/coriolanus.txt
+  tokenizer/tokenizer.json  a byte-level BPE (vocab 400, special token <|endoftext|>) trained on
+                            it by Python `tokenizers` as qlora_candle::data::BpeTokenizer::train
+                            trains one
+  tokenizer/samples.json    {"samples": [...], "ids": [[...], ...]}: its encodings of a few texts
+
 Configs: llama-gqa (4 query / 2 key-value heads, untied), llama-tied (tied embeddings, MHA),
 llama-rope3 (llama3 rope scaling, attention and MLP biases),
 qwen2 (q/k/v biases), mistral-window (sliding window 5 < sequence 12). Norm weights and biases are
@@ -20,7 +26,9 @@ randomised (transformers initialises them to 1 and 0, which would leave them unt
 --check-ours DIR: every sub-folder of DIR named like a config above is a model folder written by
 our Rust code (`cargo run -p qlora-candle --example llama_resave -- DIR`). Each is loaded with
 AutoModelForCausalLM.from_pretrained; the script checks that its tensors equal ours bit for bit and
-that its logits equal the stored reference logits (max abs diff <= 1e-6 · max |logit|). Exits
+that its logits equal the stored reference logits (max abs diff <= 1e-6 · max |logit|). DIR/tokenizer
+(written by the same example: our BPE trained on tokenizer/corpus.txt, saved with save_pretrained)
+must load with AutoTokenizer.from_pretrained and encode the samples to the stored ids. Exits
 non-zero on any mismatch.
 """
 import argparse
@@ -71,6 +79,47 @@ def configs():
             sliding_window=5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
             **common)),
     }
+
+
+TOKENIZER_VOCAB = 400
+SAMPLES = ["First Citizen:\nBefore we proceed any further, hear me speak.",
+           "What, Romeo! Tybalt's dead? 1234 -- unseen words: qlora, nf4, ünïcödé, 日本",
+           "  leading spaces, tabs\tand\n\nnewlines  ",
+           "<|endoftext|>the next document"]
+
+
+def train_tokenizer(corpus):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True,
+                                                 use_regex=True)
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=True,
+                                              use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, min_frequency=2, show_progress=False,
+                                  special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([corpus], trainer)
+    return tok
+
+
+def gen_tokenizer(out):
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "..", "crates", "cli", "data", "coriolanus.txt"), "rb") as f:
+        corpus = f.read()[:16000].decode("utf-8")
+    folder = os.path.join(out, "tokenizer")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "corpus.txt"), "w", encoding="utf-8", newline="") as f:
+        f.write(corpus)
+    tok = train_tokenizer(corpus)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    ids = [tok.encode(s, add_special_tokens=False).ids for s in SAMPLES]
+    for s, i in zip(SAMPLES, ids):
+        assert tok.decode(i, skip_special_tokens=False) == s, s
+    with open(os.path.join(folder, "samples.json"), "w") as f:
+        json.dump({"samples": SAMPLES, "ids": ids}, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+    print(f"tokenizer: vocab {tok.get_vocab_size()}, sample lengths {[len(i) for i in ids]}")
 
 
 def inputs(vocab):
@@ -127,6 +176,7 @@ def generate(out):
         assert torch.equal(again, ref["logits"]), name
         print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, "
               f"loss {ref['loss'].item():.6f}, max |logit| {ref['logits'].abs().max().item():.4f}")
+    gen_tokenizer(out)
 
 
 def check_ours(ours, ref_root):
@@ -155,6 +205,19 @@ def check_ours(ours, ref_root):
         status = "ok" if diff <= tol else "MISMATCH"
         bad += status != "ok"
         print(f"{name}: transformers loads our folder; max |logit diff| {diff:.3g} ({status})")
+    from transformers import AutoTokenizer
+    folder = os.path.join(ours, "tokenizer")
+    with open(os.path.join(ref_root, "tokenizer", "samples.json")) as f:
+        ref = json.load(f)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+        got = [tok.encode(s, add_special_tokens=False) for s in ref["samples"]]
+        ok = got == ref["ids"]
+    except Exception as e:  # noqa: BLE001 (report, then fail)
+        print(f"tokenizer: {e}")
+        ok = False
+    bad += not ok
+    print(f"tokenizer: AutoTokenizer loads our folder; sample ids {'equal' if ok else 'DIFFER'}")
     return 1 if bad else 0
 
 
