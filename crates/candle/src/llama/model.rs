@@ -173,7 +173,7 @@ struct Layer {
 /// assert_eq!(logits.dims(), &[1, 4, 64]);
 /// let labels = Tensor::new(&[[1i64, 5, 9, -100]], &Device::Cpu)?;
 /// let loss = causal_lm_loss(&logits, &labels)?.to_scalar::<f32>()?;
-/// assert!((loss - (64f32).ln()).abs() < 0.1); // a fresh model is near uniform
+/// assert!((loss - (64f32).ln()).abs() < 0.5); // a fresh model is near uniform: ln(64) = 4.16
 /// assert_eq!(varmap.all_vars().len(), cfg.parameter_shapes().len());
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
