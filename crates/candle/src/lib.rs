@@ -16,7 +16,10 @@
 //!   transformers' causal-LM loss. f32 logits match transformers to 1e-5 relative.
 //! * [`data`]: byte-level BPE tokenizers (`tokenizer.json`), datasets from `.txt` / `.jsonl`,
 //!   seeded shuffled batches.
+//! * [`train`]: optimizer steps (forward, loss, autograd, gradient accumulation) with any
+//!   `candle_nn::Optimizer`.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub mod data;
 pub mod llama;
+pub mod train;
