@@ -117,6 +117,29 @@ fn sharded_bf16_folder_loads_and_matches_transformers() {
 }
 
 #[test]
+fn half_precision_models_run() {
+    // f32 weights loaded as f16 / bf16: half-precision weights and activations (norms, softmax and
+    // the loss in f32), so the bound is a half-precision one.
+    let dir = testdata("llama").join("llama-gqa");
+    let r = reference("llama-gqa");
+    for (dtype, bound) in [(DType::F16, 5e-3), (DType::BF16, 4e-2)] {
+        let model = LlamaForCausalLM::from_pretrained(&dir, dtype, &Device::Cpu, &mut DenseLinears)
+            .unwrap();
+        assert_eq!(model.dtype(), dtype);
+        let logits = model.forward(&r["input_ids"]).unwrap();
+        assert_eq!(logits.dtype(), dtype);
+        let logits = logits.to_dtype(DType::F32).unwrap();
+        let rel = max_diff(&logits, &r["logits"]) / max_abs(&r["logits"]);
+        eprintln!("llama-gqa as {dtype:?}: max |logit diff| / max |logit| = {rel:.3e}");
+        assert!(rel < bound, "{dtype:?}: {rel}");
+        let loss = model.loss(&r["input_ids"], &r["labels"]).unwrap();
+        assert_eq!(loss.dtype(), DType::F32);
+        let want = r["loss"].to_scalar::<f32>().unwrap();
+        assert!((loss.to_scalar::<f32>().unwrap() - want).abs() < bound as f32 * want);
+    }
+}
+
+#[test]
 fn saved_folder_loads_back_to_identical_tensors_and_logits() {
     let tmp = tempfile::tempdir().unwrap();
     for name in CONFIGS {
