@@ -135,7 +135,7 @@ fn half_precision_models_run() {
         let loss = model.loss(&r["input_ids"], &r["labels"]).unwrap();
         assert_eq!(loss.dtype(), DType::F32);
         let want = r["loss"].to_scalar::<f32>().unwrap();
-        assert!((loss.to_scalar::<f32>().unwrap() - want).abs() < bound as f32 * want);
+        assert!((loss.to_scalar::<f32>().unwrap() - want).abs() < bound * want);
     }
 }
 
