@@ -174,18 +174,27 @@ def eval_losses(pm, ids, labels):
     return [float(pm(input_ids=ids[s], labels=labels[s]).loss) for s in range(ids.shape[0])]
 
 
-def train(pm, opt, ids, labels, out_dir=None, base_name=None, grads_out=None):
+def train(pm, opt, ids, labels, out_dir=None, base_name=None, grads_out=None, grad_noise=None, step1_out=None):
+    """grad_noise: (generator, rel) multiplies every gradient element by (1 + rel * N(0,1)) before the step: a
+    stand-in for f32 rounding differences between two implementations of the same math."""
     pm.train()
     losses = []
     for s in range(ids.shape[0]):
         loss = pm(input_ids=ids[s], labels=labels[s]).loss
         loss.backward()
+        if grad_noise is not None:
+            gen, rel = grad_noise
+            with torch.no_grad():
+                for _, p in sorted(lora_params(pm).items()):
+                    p.grad.mul_(1 + rel * torch.randn(p.grad.shape, generator=gen))
         if s == 0 and grads_out is not None:
             grads_out.update({peft_key(n): p.grad.detach().clone().contiguous()
                               for n, p in lora_params(pm).items()})
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach().item())
+        if s == 0 and step1_out is not None:
+            step1_out.update({n: p.detach().clone() for n, p in lora_params(pm).items()})
         if s == 0 and out_dir is not None:
             pm.save_pretrained(os.path.join(out_dir, "adapter-step1"))
             clean_adapter_dir(os.path.join(out_dir, "adapter-step1"), base_name)
@@ -201,6 +210,72 @@ def state_kinds(opt):
                 kinds[str(st["state1"].dtype).removeprefix("torch.")] = kinds.get(
                     str(st["state1"].dtype).removeprefix("torch."), 0) + 1
     return kinds
+
+
+class CudaRuleAdamW8bit(torch.optim.Optimizer):
+    """bitsandbytes' CUDA kernel kOptimizerStatic8bit2StateBlockwise<float, ADAM> (blocks of 256) transcribed to
+    IEEE f32 torch ops (docs/reference/bitsandbytes.md 6.3): dequantize with the old absmax, Adam moments in f32,
+    step p += step_size * m / (sqrt(v) + c2*eps), decoupled decay AFTER the step, new absmax = block max |s|
+    (tail lanes contribute |qmap1[128]| * absmax1_old * beta1), nearest code (exact ties -> even index) and the
+    state1 sign fix. What qlora-optim implements; used here only to measure how far bnb's CPU path is from it."""
+
+    def __init__(self, params, lr, betas, eps, weight_decay):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        import bitsandbytes.functional as bf
+        self.q1 = bf.create_dynamic_map(signed=True).float()
+        self.q2 = bf.create_dynamic_map(signed=False).float()
+        self.m1 = ((self.q1[1:] + self.q1[:-1]) * 0.5).float()
+        self.m2 = ((self.q2[1:] + self.q2[:-1]) * 0.5).float()
+
+    @staticmethod
+    def _nearest(x, mids):
+        idx = torch.searchsorted(mids, x, right=False)          # number of midpoints < x
+        tie = (idx < mids.numel()) & (mids[idx.clamp(max=mids.numel() - 1)] == x)
+        idx = torch.where(tie & (idx % 2 == 1), idx + 1, idx)    # x == midpoint k: codes k, k+1 -> the even one
+        return torch.where(torch.isnan(x), torch.zeros_like(idx), idx)
+
+    @torch.no_grad()
+    def step(self):
+        for grp in self.param_groups:
+            lr, (b1, b2), eps, wd = grp["lr"], grp["betas"], grp["eps"], grp["weight_decay"]
+            for p in grp["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                n = p.numel()
+                nb = (n + 255) // 256
+                if not st:
+                    st["step"] = 0
+                    st["c1"] = torch.zeros(n, dtype=torch.int64)
+                    st["c2"] = torch.zeros(n, dtype=torch.int64)
+                    st["a1"] = torch.zeros(nb)
+                    st["a2"] = torch.zeros(nb)
+                st["step"] += 1
+                t = st["step"]
+                f = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+                c1 = f(1.0) - torch.pow(f(b1), t)
+                c2 = torch.sqrt(f(1.0) - torch.pow(f(b2), t))
+                step_size = (-f(lr) * c2) / c1
+                g = p.grad.reshape(-1).float()
+                blk = torch.arange(n) // 256
+                s2 = self.q2[st["c2"]] * st["a2"][blk]
+                s2 = s2 * f(b2) + (f(1.0) - f(b2)) * g * g
+                s1 = self.q1[st["c1"]] * st["a1"][blk]
+                s1 = s1 * f(b1) + (f(1.0) - f(b1)) * g
+                pad = nb * 256 - n
+                a1 = torch.nn.functional.pad(s1.abs(), (0, pad)).reshape(nb, 256).amax(1)
+                a2 = torch.nn.functional.pad(s2.abs(), (0, pad)).reshape(nb, 256).amax(1)
+                if pad:
+                    a1[-1] = torch.maximum(a1[-1], self.q1[128].abs() * st["a1"][-1] * f(b1))
+                pf = p.data.reshape(-1)
+                pf += step_size * (s1 / (torch.sqrt(s2) + c2 * f(eps)))
+                if wd > 0:
+                    pf *= f(1.0) - f(lr) * f(wd)
+                k1 = self._nearest(s1 / a1[blk], self.m1)
+                k2 = self._nearest(s2 / a2[blk], self.m2)
+                fix = torch.signbit(self.q1[k1]) != torch.signbit(s1)
+                k1 = torch.where(fix, torch.where(s1 > 0, k1 + 1, k1 - 1) % 256, k1)
+                st["c1"], st["c2"], st["a1"], st["a2"] = k1, k2, a1, a2
 
 
 def f64_run(out, ids, labels):
@@ -268,7 +343,7 @@ def generate(out):
     del pm
 
     # 5. the runs, each from the saved adapter on a fresh load of the 4-bit folder
-    results, grads0 = {}, {}
+    results, grads0, step1 = {}, {}, {}
     final_adapters = {}
     for name, (cls_name, wd, kw) in RUNS.items():
         pm = PeftModel.from_pretrained(load_nf4(out), os.path.join(out, "adapter-init"), is_trainable=True)
@@ -278,7 +353,8 @@ def generate(out):
         rdir = os.path.join(out, "runs", name)
         os.makedirs(rdir)
         ev0 = eval_losses(pm, ids, labels)
-        losses = train(pm, opt, ids, labels, rdir, "base-nf4", grads0 if not grads0 else None)
+        step1[name] = {}
+        losses = train(pm, opt, ids, labels, rdir, "base-nf4", grads0 if not grads0 else None, step1_out=step1[name])
         ev1 = eval_losses(pm, ids, labels)
         pm.save_pretrained(os.path.join(rdir, "adapter-final"))
         clean_adapter_dir(os.path.join(rdir, "adapter-final"), "base-nf4")
@@ -318,11 +394,54 @@ def generate(out):
         assert same, label
         del pm, opt
 
-    # 7. the f64 exact-math run and the f32/8-bit deviations from it
+    # 7. bnb's CUDA 8-bit rule (what qlora-optim follows) transcribed to torch f32: how far bnb's CPU 8-bit
+    #    path (the stored adamw8bit / adamw8bit-wd runs) is from it
+    cuda_rule = {}
+    for name in ("adamw8bit", "adamw8bit-wd"):
+        wd = RUNS[name][1]
+        pm = PeftModel.from_pretrained(load_nf4(out), os.path.join(out, "adapter-init"), is_trainable=True)
+        opt = CudaRuleAdamW8bit(list(lora_params(pm).values()), lr=LR, betas=BETAS, eps=EPS, weight_decay=wd)
+        s1 = {}
+        losses = train(pm, opt, ids, labels, step1_out=s1)
+        ev1 = eval_losses(pm, ids, labels)
+        d = max(abs(a - b) for a, b in zip(losses, results[name]["losses"]))
+        de = max(abs(a - b) for a, b in zip(ev1, results[name]["eval_losses_final"]))
+        dp = max(float((p.detach() - final_adapters[name][n]).abs().max()) for n, p in lora_params(pm).items())
+        cuda_rule[name] = {"losses": losses, "eval_losses_final": ev1, "max_abs_loss_diff_vs_bnb_cpu": d,
+                           "max_abs_eval_loss_final_diff_vs_bnb_cpu": de,
+                           "max_abs_adapter_final_diff_vs_bnb_cpu": dp,
+                           "max_abs_adapter_step1_diff_vs_bnb_cpu": max(float((v - step1[name][n]).abs().max())
+                                                                        for n, v in s1.items())}
+        print(f"cuda-rule {name}: losses {' '.join(f'{x:.6f}' for x in losses)}; max |dloss| vs bnb CPU {d:.3g}, "
+              f"final eval {de:.3g}, adapter {dp:.3g}")
+        del pm, opt
+        # sensitivity: the same CUDA-rule run with every gradient perturbed by a relative 1e-6 (a few f32 ulps)
+        pm = PeftModel.from_pretrained(load_nf4(out), os.path.join(out, "adapter-init"), is_trainable=True)
+        opt = CudaRuleAdamW8bit(list(lora_params(pm).values()), lr=LR, betas=BETAS, eps=EPS, weight_decay=wd)
+        lp = train(pm, opt, ids, labels, grad_noise=(torch.Generator().manual_seed(SEED + 4), 1e-6))
+        ep = eval_losses(pm, ids, labels)
+        cuda_rule[name]["grad_noise_1e-6"] = {
+            "max_abs_loss_diff": max(abs(a - b) for a, b in zip(lp, losses)),
+            "max_abs_eval_loss_final_diff": max(abs(a - b) for a, b in zip(ep, ev1))}
+        print(f"  with 1e-6 relative gradient noise: {cuda_rule[name]['grad_noise_1e-6']}")
+        del pm, opt
+
+    # 8. the f64 exact-math run and the f32/8-bit deviations from it
     l64 = f64_run(out, ids, labels)
     print(f"f64 AdamW: losses {' '.join(f'{x:.6f}' for x in l64)}")
     dev = {name: max(abs(a - b) for a, b in zip(r["losses"], l64)) for name, r in results.items()
            if r["weight_decay"] == 0.0}
+    d832 = {"max_abs_loss_diff": max(abs(a - b) for a, b in zip(results["adamw8bit"]["losses"],
+                                                                results["adamw32bit"]["losses"])),
+            "max_abs_eval_loss_final_diff": max(abs(a - b) for a, b in zip(results["adamw8bit"]["eval_losses_final"],
+                                                                           results["adamw32bit"]["eval_losses_final"])),
+            "max_abs_adapter_step1_diff": max(float((v - step1["adamw32bit"][n]).abs().max())
+                                              for n, v in step1["adamw8bit"].items()),
+            "max_abs_adapter_final_diff": max(float((v - final_adapters["adamw32bit"][n]).abs().max())
+                                              for n, v in final_adapters["adamw8bit"].items())}
+    print(f"adamw8bit vs adamw32bit: {d832}")
+    for name in cuda_rule:
+        print(f"cuda-rule {name}: adapter step1 diff vs bnb CPU {cuda_rule[name]['max_abs_adapter_step1_diff_vs_bnb_cpu']:.3g}")
     print(f"max |loss - loss_f64| per run: {dev}")
 
     meta = {
@@ -352,6 +471,10 @@ def generate(out):
                      "losses_are": "losses[k] = loss of batch k with the adapter after k optimizer steps (before step k+1)"},
         "runs": results,
         "checks": checks,
+        "cuda_rule_8bit": {"what": "bnb's CUDA 8-bit AdamW kernel rule (nearest code, ties to even, sign fix, decay after "
+                                   "the step) transcribed to IEEE f32 torch ops (class CudaRuleAdamW8bit) in place of "
+                                   "bnb's CPU 8-bit path; everything else identical", **cuda_rule},
+        "adamw8bit_vs_adamw32bit": d832,
         "f64_exact_math": {"what": "4-bit weights dequantized (reference math) to f32 and cast to f64, model + LoRA in f64, "
                                    "torch.optim.AdamW(weight_decay=0) in f64",
                            "losses": l64, "max_abs_loss_diff": dev},
