@@ -32,8 +32,13 @@ Runs (same data, same init, same adapter; only the optimizer differs):
                  min_8bit_size on this model: checked bit for bit)
   paged-adamw8bit  bnb.optim.PagedAdamW8bit, same settings as adamw8bit (on CPU paging is a no-op:
                  checked bit for bit against adamw8bit, not stored separately)
-and, for the tolerance, an f64 run: the same model with the 4-bit weights dequantized exactly to
-f64, PEFT LoRA in f64 and torch.optim.AdamW in f64 (the exact math the f32 runs approximate).
+and, for the tolerance (recorded in reference.json, not stored as files):
+  * an f64 run: the same model with the 4-bit weights dequantized exactly to f64, PEFT LoRA in f64 and
+    torch.optim.AdamW in f64 (the exact math the f32 runs approximate);
+  * CUDA-rule 8-bit runs: bnb's CUDA 8-bit AdamW kernel (which qlora-optim follows) transcribed to f32
+    torch ops (CudaRuleAdamW8bit) in place of bnb's CPU 8-bit path, with and without a 1e-6 relative
+    gradient perturbation (a stand-in for f32 rounding differences);
+  * how many codes of base-nf4/ differ from the CUDA quantization rule applied to base/.
 
 bitsandbytes 0.50.2 on CPU: as in tools/gen_checkpoint_vectors.py, dequantize_4bit is routed to bnb's
 reference math (its C++ kernel is wrong for down_proj [64, 176]) and the AVX512-BF16 repacking is
@@ -278,6 +283,34 @@ class CudaRuleAdamW8bit(torch.optim.Optimizer):
                 st["c1"], st["c2"], st["a1"], st["a2"] = k1, k2, a1, a2
 
 
+def quantizer_vs_cuda_rule(out):
+    """How many codes of base-nf4/ differ from bnb's CUDA rule applied to base/ (i.e. from what a quantizer
+    following the CUDA kernels, like qlora's, writes for the same f32 weights)."""
+    import numpy as np
+    import bitsandbytes.functional as bf
+    from gen_codec_vectors import cuda_rule_4bit, cuda_rule_blockwise8
+    t4 = load_folder_tensors(os.path.join(out, "base-nf4"))
+    tb = load_folder_tensors(os.path.join(out, "base"))
+    names = sorted(k.rsplit(".quant_state.", 1)[0] for k in t4 if ".quant_state.bitsandbytes__" in k)
+    r = {"nf4_codes": 0, "nf4_codes_differ": 0, "nested_codes": 0, "nested_codes_differ": 0, "nested_differences": []}
+    for n in names:
+        meta = json.loads(bytes(t4[n + ".quant_state.bitsandbytes__nf4"].tolist()).decode("utf-8"))
+        _, st = bf.quantize_4bit(tb[n], blocksize=meta["blocksize"], compress_statistics=False, quant_type="nf4")
+        a = cuda_rule_4bit(tb[n].reshape(-1).float().numpy(), st.absmax.float().numpy(), meta["blocksize"], "nf4")
+        b = t4[n].reshape(-1).numpy()
+        r["nf4_codes"] += 2 * b.size
+        r["nf4_codes_differ"] += int(((a >> 4) != (b >> 4)).sum() + ((a & 15) != (b & 15)).sum())
+        centered = st.absmax.float() - torch.tensor(float(meta["nested_offset"]), dtype=torch.float32)
+        ex = cuda_rule_blockwise8(centered.numpy(), t4[n + ".nested_absmax"].float().numpy(),
+                                  t4[n + ".nested_quant_map"].float().numpy(), meta["nested_blocksize"])
+        got = t4[n + ".absmax"].numpy()
+        r["nested_codes"] += ex.size
+        r["nested_codes_differ"] += int((ex != got).sum())
+        r["nested_differences"] += [{"weight": n, "block": int(j), "bnb_cpu": int(got[j]), "cuda_rule": int(ex[j])}
+                                    for j in np.nonzero(ex != got)[0]]
+    return r
+
+
 def f64_run(out, ids, labels):
     """The exact-math run: dequantized 4-bit weights in f64, PEFT LoRA f64, torch AdamW f64."""
     t4 = load_folder_tensors(os.path.join(out, "base-nf4"))
@@ -323,6 +356,8 @@ def generate(out):
     if os.path.exists(p):
         os.remove(p)
     del m4
+    qcheck = quantizer_vs_cuda_rule(out)
+    print(f"base-nf4 vs the CUDA quantization rule applied to base/: {qcheck}")
 
     # 3. batches
     ids, labels = make_batches()
@@ -456,6 +491,7 @@ def generate(out):
         "quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
                          "bnb_4bit_compute_dtype": "float32", "blocksize": 64, "nested_blocksize": 256,
                          "quantized_modules": 14, "not_quantized": "embed_tokens, lm_head, norms (f32)"},
+        "base_nf4_vs_cuda_quantization_rule": qcheck,
         "lora": {"r": R, "lora_alpha": ALPHA, "scaling": ALPHA / R, "lora_dropout": 0.0, "target_modules": TARGETS,
                  "bias": "none", "init": f"PEFT default (A kaiming-uniform a=sqrt(5)), then lora_B ~ N(0, {B_INIT_STD}^2)",
                  "trainable_tensors": 2 * 7 * 2,
