@@ -327,7 +327,9 @@ def f64_run(out, ids, labels):
     pm = PeftModel.from_pretrained(model, os.path.join(out, "adapter-init"), is_trainable=True)
     pm = pm.to(torch.float64)
     opt = torch.optim.AdamW(list(lora_params(pm).values()), lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
-    return train(pm, opt, ids, labels)
+    s1 = {}
+    losses = train(pm, opt, ids, labels, step1_out=s1)
+    return losses, s1, {n: p.detach().clone() for n, p in lora_params(pm).items()}
 
 
 def generate(out):
@@ -462,7 +464,12 @@ def generate(out):
         del pm, opt
 
     # 8. the f64 exact-math run and the f32/8-bit deviations from it
-    l64 = f64_run(out, ids, labels)
+    l64, step1_64, final_64 = f64_run(out, ids, labels)
+    adapter_dev64 = {"adamw32bit_step1": max(float((step1["adamw32bit"][n].double() - v).abs().max())
+                                             for n, v in step1_64.items()),
+                     "adamw32bit_final": max(float((final_adapters["adamw32bit"][n].double() - v).abs().max())
+                                             for n, v in final_64.items())}
+    print(f"max |adapter - adapter_f64|: {adapter_dev64}")
     print(f"f64 AdamW: losses {' '.join(f'{x:.6f}' for x in l64)}")
     dev = {name: max(abs(a - b) for a, b in zip(r["losses"], l64)) for name, r in results.items()
            if r["weight_decay"] == 0.0}
@@ -513,7 +520,7 @@ def generate(out):
         "adamw8bit_vs_adamw32bit": d832,
         "f64_exact_math": {"what": "4-bit weights dequantized (reference math) to f32 and cast to f64, model + LoRA in f64, "
                                    "torch.optim.AdamW(weight_decay=0) in f64",
-                           "losses": l64, "max_abs_loss_diff": dev},
+                           "losses": l64, "max_abs_loss_diff": dev, "max_abs_adapter_diff": adapter_dev64},
     }
     with open(os.path.join(out, "reference.json"), "w") as f:
         json.dump(meta, f, indent=1)
