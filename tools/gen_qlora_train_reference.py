@@ -46,9 +46,7 @@ disabled, so the forward is machine-independent (dequantize in f32 + F.linear). 
 seeds, torch.set_num_threads(1).
 """
 import argparse
-import copy
 import json
-import math
 import os
 import shutil
 import sys
