@@ -188,6 +188,16 @@ impl QuantType {
         }
     }
 
+    /// `Nf4` when `nf4`, else `Fp4` (for the SIMD kernels' const parameter).
+    #[cfg_attr(not(qlora_simd), allow(dead_code))]
+    pub(crate) const fn of_nf4(nf4: bool) -> Self {
+        if nf4 {
+            QuantType::Nf4
+        } else {
+            QuantType::Fp4
+        }
+    }
+
     /// Parse `"nf4"` / `"fp4"`.
     pub fn parse(s: &str) -> Result<Self, Error> {
         match s {
