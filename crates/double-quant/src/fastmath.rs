@@ -79,6 +79,31 @@ pub fn ftz(x: f32) -> f32 {
     }
 }
 
+/// The NaN every CUDA f32 operation returns (NVIDIA GPUs do not propagate NaN payloads): positive,
+/// all fraction bits set. x86's `0 · inf` is `0xffc00000` instead.
+pub const CUDA_NAN_BITS: u32 = 0x7fff_ffff;
+
+/// A product as the CUDA build computes it: `ftz(a · b)`, and [`CUDA_NAN_BITS`] for any NaN.
+/// Converted to f16/bf16 (round to nearest even) this NaN becomes `0x7fff`, as on the GPU.
+#[inline]
+pub fn mul_ftz(a: f32, b: f32) -> f32 {
+    let p = a * b;
+    if p.is_nan() {
+        f32::from_bits(CUDA_NAN_BITS)
+    } else {
+        ftz(p)
+    }
+}
+
+/// True when `t · scale` is the same in IEEE and CUDA fast-math arithmetic for every `|t|` in
+/// `{0} ∪ [2^-8, 1]` (the 4-bit codebooks' magnitudes): `scale` is finite and at least 2^-100 in
+/// magnitude, so no product is NaN or subnormal. Dequantization kernels multiply whole tables by
+/// such a scale in SIMD and take [`mul_ftz`] otherwise.
+#[inline(always)]
+pub fn is_plain_scale(scale: f32) -> bool {
+    scale.is_finite() && !is_tiny_absmax(scale)
+}
+
 /// Below this absmax (the bit pattern of 2^-100) a block's inputs may be subnormal *and* matter:
 /// `|subnormal · (1/absmax)|` can reach a decision threshold. SIMD kernels that skip the per-element
 /// flush of inputs send such blocks (and all-zero blocks) to the scalar oracle; for larger absmax a
@@ -149,6 +174,10 @@ mod tests {
         assert_eq!(ftz_absmax(-1e-39), 0.0);
         assert!(is_tiny_absmax(0.0) && is_tiny_absmax(2f32.powi(-101)));
         assert!(!is_tiny_absmax(2f32.powi(-100)) && !is_tiny_absmax(f32::NAN));
+        assert_eq!(mul_ftz(0.0, f32::INFINITY).to_bits(), CUDA_NAN_BITS);
+        assert_eq!(mul_ftz(-0.5, 1e-38).to_bits(), 0x8000_0000);
+        assert_eq!(mul_ftz(0.5, 3.0), 1.5);
+        assert!(is_plain_scale(1.0) && !is_plain_scale(f32::INFINITY) && !is_plain_scale(0.0));
     }
 
     /// The correction depends only on the mantissa, and the result is within one ulp of the IEEE

@@ -394,7 +394,6 @@ pub fn num_blocks(n: usize, blocksize: usize) -> usize {
 }
 
 /// Quantize one block: returns its absmax and writes one code per element.
-#[inline]
 ///
 /// As bitsandbytes' CUDA kernel (`--use_fast_math`): `absmax = max(ftz(|x|))` (NaN ignored),
 /// `inv = rcp.approx.ftz(absmax)` ([`fastmath::rcp_approx_ftz`]), `code = encode(ftz(ftz(x) · inv))`.
@@ -752,7 +751,9 @@ impl DoubleQuantAbsmax {
 /// roundings exactly as bitsandbytes' Python path does (no fused multiply-add).
 #[inline]
 pub fn reconstruct_absmax(code: u8, nested: f32, offset: f32) -> f32 {
-    let scaled = DynamicMap::signed().decode(code) * nested;
+    // The product is bitsandbytes' fast-math `dequantize_blockwise` kernel (flush to zero, CUDA's
+    // NaN); the sum is torch's IEEE addition.
+    let scaled = fastmath::mul_ftz(DynamicMap::signed().decode(code), nested);
     scaled + offset
 }
 

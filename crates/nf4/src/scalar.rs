@@ -7,7 +7,7 @@
 
 use crate::{AbsmaxView, Element, QuantType};
 use qlora_double_quant::block_absmax;
-use qlora_double_quant::fastmath::{ftz, rcp_approx_ftz};
+use qlora_double_quant::fastmath::{ftz, mul_ftz, rcp_approx_ftz};
 
 /// Largest |x| of a block in f32 as the CUDA kernel reduces it: `max(ftz(|x|))` — NaN ignored
 /// (`fmaxf`), subnormal values flushed to zero — and zero for an all-zero or empty block.
@@ -81,7 +81,9 @@ pub fn code_at(packed: &[u8], i: usize) -> u8 {
 }
 
 /// Dequantize elements `start .. start + out.len()` of a quantized tensor:
-/// `out[k] = T(f32(table[code] * absmax[block]))`, rounding to nearest even for f16/bf16.
+/// `out[k] = T(f32(table[code] * absmax[block]))`, rounding to nearest even for f16/bf16, with the
+/// CUDA build's product ([`mul_ftz`]: a subnormal product is flushed to zero, a NaN is CUDA's
+/// `0x7fffffff`, which becomes `0x7fff` in f16/bf16).
 ///
 /// `packed` and `absmax` are the tensor's full buffers (indices are global).
 ///
@@ -98,7 +100,7 @@ pub fn dequantize_range<T: Element>(
     let table = quant_type.table();
     for (i, o) in (start..).zip(out.iter_mut()) {
         let a = absmax.get(i / blocksize);
-        *o = T::from_f32(table[code_at(packed, i) as usize] * a);
+        *o = T::from_f32(mul_ftz(table[code_at(packed, i) as usize], a));
     }
 }
 

@@ -291,7 +291,7 @@ fn bf16_rne4(x: uint32x4_t) -> uint32x4_t {
 #[inline]
 #[target_feature(enable = "neon")]
 fn scaled_table<const OUT: u8>(table: &[f32; 16], absmax: f32) -> uint8x16x4_t {
-    let t = table.map(|v| v * absmax);
+    let t = table.map(|v| fastmath::mul_ftz(v, absmax));
     let z = vdupq_n_u8(0);
     match OUT {
         OUT_F32 => {

@@ -296,9 +296,26 @@ fn byte_planes(h0: __m128i, h1: __m128i) -> (__m256i, __m256i) {
 /// The block's table: two f32 halves (f32 out) or the two byte planes of the 16-bit values.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn scaled_tables<const OUT: u8>(lo: __m256, hi: __m256, absmax: f32) -> (__m256i, __m256i) {
-    let a = _mm256_set1_ps(absmax);
-    let (s0, s1) = (_mm256_mul_ps(lo, a), _mm256_mul_ps(hi, a));
+fn scaled_tables<const OUT: u8>(
+    table: &[f32; 16],
+    lo: __m256,
+    hi: __m256,
+    absmax: f32,
+) -> (__m256i, __m256i) {
+    let (s0, s1) = if fastmath::is_plain_scale(absmax) {
+        let a = _mm256_set1_ps(absmax);
+        (_mm256_mul_ps(lo, a), _mm256_mul_ps(hi, a))
+    } else {
+        // NaN, infinite or tiny scale: the CUDA build's products (ftz, CUDA's NaN).
+        let t = table.map(|v| fastmath::mul_ftz(v, absmax));
+        // SAFETY: `t` holds 16 f32.
+        unsafe {
+            (
+                _mm256_loadu_ps(t.as_ptr()),
+                _mm256_loadu_ps(t.as_ptr().add(8)),
+            )
+        }
+    };
     match OUT {
         OUT_F32 => (_mm256_castps_si256(s0), _mm256_castps_si256(s1)),
         OUT_F16 => {
@@ -346,7 +363,7 @@ unsafe fn dequantize_groups<const OUT: u8>(
         let j = j0 + 32 * g;
         let block = j >> shift;
         if block != current {
-            t = scaled_tables::<OUT>(tab_lo, tab_hi, absmax.get(block));
+            t = scaled_tables::<OUT>(table, tab_lo, tab_hi, absmax.get(block));
             current = block;
         }
         // SAFETY: the 16 bytes of elements j .. j+32 are inside `packed` (caller).

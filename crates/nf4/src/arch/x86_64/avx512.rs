@@ -720,8 +720,15 @@ pub(crate) fn bf16_rne(x: __m512i) -> __m512i {
 /// The block's table in output form: 16 f32, or 16 u16 duplicated into both 256-bit halves.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn scaled_table<const OUT: u8>(table: __m512, absmax: f32) -> __m512i {
-    let scaled = _mm512_mul_ps(table, _mm512_set1_ps(absmax));
+fn scaled_table<const OUT: u8>(values: &[f32; 16], table: __m512, absmax: f32) -> __m512i {
+    let scaled = if fastmath::is_plain_scale(absmax) {
+        _mm512_mul_ps(table, _mm512_set1_ps(absmax))
+    } else {
+        // NaN, infinite or tiny scale: the CUDA build's products (ftz, CUDA's NaN).
+        let t = values.map(|v| fastmath::mul_ftz(v, absmax));
+        // SAFETY: `t` holds 16 f32.
+        unsafe { _mm512_loadu_ps(t.as_ptr()) }
+    };
     let half = match OUT {
         OUT_F32 => return _mm512_castps_si512(scaled),
         OUT_F16 => _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(scaled),
@@ -808,7 +815,7 @@ unsafe fn dequantize_vectors<const OUT: u8, const ODD: bool>(
     let tab = unsafe { _mm512_loadu_ps(table.as_ptr()) };
     let mut block = j0 / bs;
     let mut boundary = (block + 1) * bs;
-    let mut t = scaled_table::<OUT>(tab, absmax.get(block));
+    let mut t = scaled_table::<OUT>(table, tab, absmax.get(block));
     let mut j = j0;
     for k in 0..nvec {
         // SAFETY: elements j .. j+lanes are inside the codes (caller), so are their bytes.
@@ -820,11 +827,11 @@ unsafe fn dequantize_vectors<const OUT: u8, const ODD: bool>(
             block += 1;
             boundary += bs;
             if k + 1 < nvec {
-                t = scaled_table::<OUT>(tab, absmax.get(block));
+                t = scaled_table::<OUT>(table, tab, absmax.get(block));
             }
             r
         } else {
-            let next = scaled_table::<OUT>(tab, absmax.get(block + 1));
+            let next = scaled_table::<OUT>(table, tab, absmax.get(block + 1));
             let r = blend_from::<OUT>(
                 boundary - j,
                 lookup::<OUT>(idx, t),
