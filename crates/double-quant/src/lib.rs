@@ -17,10 +17,16 @@
 //!   which always returns the **nearest** code; an exact tie between two codes goes to the **even
 //!   index**; values beyond the table clamp to index 0 / 255; NaN encodes as index 0.
 //! * [`quantize_blockwise`] / [`dequantize_blockwise`]: per block, `absmax = max |x|` (NaN
-//!   ignored, as CUDA's `fmaxf` reduction does), `code = encode(x * (1/absmax))`,
-//!   `x' = f32(map[code] * absmax)`.
+//!   ignored, as CUDA's `fmaxf` reduction does; subnormals flushed), `code = encode(x * inv)` with
+//!   `inv` the GPU's approximate reciprocal of the absmax ([`fastmath::rcp_approx_ftz`]: bitsandbytes'
+//!   CUDA build uses `--use_fast_math`), `x' = f32(map[code] * absmax)`. Codes, absmax and
+//!   dequantization equal bitsandbytes' CUDA output on an H200 bit for bit.
+//! * [`fastmath`]: `rcp.approx.ftz.f32` from a table measured over every f32 mantissa, and
+//!   flush-to-zero.
 //! * [`DoubleQuantAbsmax`]: QLoRA's double quantization of the per-block absmax of a 4-bit tensor:
-//!   `offset = mean(absmax)` (accumulated in f64, rounded to f32), the centred values quantized
+//!   `offset = mean(absmax)` (accumulated in f64, rounded to f32; bitsandbytes' is torch's GPU mean,
+//!   which can be an ulp away — [`DoubleQuantAbsmax::compress_with_offset`] takes a stored one and
+//!   then reproduces bitsandbytes' nested codes and absmax exactly), the centred values quantized
 //!   with the signed map in blocks of [`NESTED_BLOCKSIZE`] = 256, reconstructed as
 //!   `f32(f32(map[q] * nested_absmax[j / 256]) + offset)`.
 //!
