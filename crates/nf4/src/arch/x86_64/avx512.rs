@@ -544,6 +544,14 @@ unsafe fn groups16<const SRC: u8, const NF4: bool>(
     // SAFETY: `absmax` holds 16 f32.
     unsafe { _mm512_storeu_ps(absmax.as_mut_ptr(), values) };
     let nan = _mm512_cmpgt_epu32_mask(bits, _mm512_set1_epi32(infinity));
+    // Blocks whose absmax is tiny (below 2^-100 as f32; for f16 data only zero is): from the
+    // bit patterns, so that the common case needs no scalar pass over the 16 values.
+    let tiny_bits = match SRC {
+        SRC_F32 => fastmath::TINY_ABSMAX_BITS as i32,
+        SRC_BF16 => (fastmath::TINY_ABSMAX_BITS >> 16) as i32,
+        _ => 1,
+    };
+    let mut tiny = _mm512_cmplt_epu32_mask(bits, _mm512_set1_epi32(tiny_bits)) != 0;
     if nan != 0 {
         for (b, am) in absmax.iter_mut().enumerate() {
             if nan & (1 << b) != 0 {
@@ -551,12 +559,13 @@ unsafe fn groups16<const SRC: u8, const NF4: bool>(
                 *am = unsafe {
                     block_absmax::<SRC>(&x[b * block_bytes..(b + 1) * block_bytes], elem_size)
                 };
+                tiny |= fastmath::is_tiny_absmax(*am);
             }
         }
     }
     // A block whose absmax is tiny (all zero, or small enough that subnormal inputs count) sends
     // the group to the oracle: rare, and it keeps the flush of inputs out of the loop below.
-    if absmax.iter().any(|&a| fastmath::is_tiny_absmax(a)) {
+    if tiny {
         kernel::oracle_blocks(QuantType::of_nf4(NF4), SRC, x, bs, packed, absmax);
         return;
     }
