@@ -307,6 +307,7 @@ mod tests {
     /// The CUDA thresholds are the decimal literals of `dQuantizeNF4` correctly rounded to f32
     /// (Rust's `f32` parsing rounds correctly), one ulp from the CPU ones at T1, T9, T13, T15.
     #[test]
+    #[allow(clippy::excessive_precision)] // the kernel's decimal literals, verbatim, are the point
     fn nf4_cuda_thresholds_are_the_literals_correctly_rounded() {
         let literals: [f32; 15] = [
             -0.8480964004993439,
