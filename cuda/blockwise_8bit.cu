@@ -10,8 +10,9 @@
  *   grid     ceil(a.n / (256 * E)), E = max(2, blocksize / 256) elements per thread
  *   owns     as quantize_4bit.cu: thread t of block b owns E consecutive elements from
  *            (b * 256 + t) * E; blocksize / E consecutive threads form one quantization block
- *   writes   absmax[ceil(n / bs)] (exact max |x|, padding zeros included) and out[n]:
- *            the nearest entry of code to x * __frcp_rn(absmax), ties to the even index,
+ *   writes   absmax[ceil(n / bs)] (max ftz(|x|), padding zeros included) and out[n]:
+ *            the nearest entry of code to ftz(ftz(x) * rcp.approx.ftz(absmax)) -- bitsandbytes'
+ *            fast-math reciprocal (MUFU.RCP) and flush-to-zero --, ties to the even index,
  *            NaN (also from an all-zero block) to index 0
  *   requires blocksize a power of two in [64, 4096]; code sorted ascending (256 entries)
  *
@@ -44,16 +45,16 @@ __device__ void quantize_8bit(const T* __restrict__ x, const float* __restrict__
         u64 i = first + k;
         float v = i < a.n ? to_f32(x[i]) : 0.0f;
         vals[k] = v;
-        local = fmaxf(local, fabsf(v));
+        local = fmaxf(local, abs_ftz(v));
     }
     const float amax = segment_max_block(local, bs / e, scratch);
     const u64 qblock = first / bs;
     if (first % bs == 0 && qblock < (a.n + bs - 1) / bs) absmax[qblock] = amax;
-    const float inv = __frcp_rn(amax);
+    const float inv = rcp_approx_ftz(amax);
     for (unsigned int k = 0; k < e; ++k) {
         u64 i = first + k;
         if (i >= a.n) break;
-        out[i] = quantize_dynamic(smem_code, __fmul_rn(vals[k], inv));
+        out[i] = quantize_dynamic(smem_code, mul_ftz(vals[k], inv));
     }
 }
 

@@ -6,7 +6,10 @@
  *
  * Numerics: compiled WITHOUT fast math (IEEE division, sqrt and reciprocal, no flush to zero)
  * and with --fmad=false, so every f32 expression rounds exactly as written; kernels spell the
- * roundings that matter with __fmul_rn / __fadd_rn anyway.
+ * roundings that matter with __fmul_rn / __fadd_rn anyway. Where bitsandbytes' own CUDA build
+ * (compiled with --use_fast_math) differs, the quantize/dequantize kernels reproduce it
+ * explicitly with the PTX below: the approximate reciprocal rcp.approx.ftz.f32 (MUFU.RCP) and
+ * flush-to-zero multiplies, so that GPU == CPU == bitsandbytes-on-a-GPU byte for byte.
  */
 #ifndef QLORA_COMMON_CUH
 #define QLORA_COMMON_CUH
@@ -14,6 +17,26 @@
 #define QLORA_FLT_MAX 3.402823466e+38f
 
 typedef unsigned long long u64;
+
+/* ---- bitsandbytes' fast math (its CUDA library is built with --use_fast_math) ------------ */
+/* 1.0f / x under --use_fast_math: MUFU.RCP, subnormal inputs and results flushed to zero. */
+__device__ __forceinline__ float rcp_approx_ftz(float x) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+/* a * b rounded to nearest with subnormal operands and result flushed to signed zero. */
+__device__ __forceinline__ float mul_ftz(float a, float b) {
+    float r;
+    asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+/* |x| with a subnormal x flushed to zero (NaN stays NaN). */
+__device__ __forceinline__ float abs_ftz(float x) {
+    float r;
+    asm("abs.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
 
 /* 16-bit element types as bit containers: conversions below need no CUDA header. */
 struct f16_t { unsigned short bits; };
@@ -109,14 +132,15 @@ __device__ __forceinline__ float dequantize_4bit_code(unsigned int code, unsigne
 }
 
 /* Scale of 4-bit block j: plain, or rebuilt from double quantization with two roundings
- * (section 4.4) -- never one FMA. */
+ * (section 4.4) -- never one FMA; the product flushes a subnormal result as bnb's kernel does. */
 __device__ __forceinline__ float block_scale(u64 j, const float* absmax,
                                              const unsigned char* qabsmax,
                                              const float* nested_absmax,
                                              const float* nested_code,
                                              unsigned int double_quant, float offset) {
     if (!double_quant) return absmax[j];
-    float scaled = __fmul_rn(nested_code[qabsmax[j]], nested_absmax[j / QLORA_NESTED_BLOCKSIZE]);
+    /* bnb's dequantize_blockwise kernel (fast math: ftz product), then torch's IEEE add. */
+    float scaled = mul_ftz(nested_code[qabsmax[j]], nested_absmax[j / QLORA_NESTED_BLOCKSIZE]);
     return __fadd_rn(scaled, offset);
 }
 

@@ -16,9 +16,11 @@
  *   requires blocksize a power of two in [32, 4096]; with double_quant, qabsmax has
  *            ceil(n / bs) entries, nested_absmax ceil(that / 256), nested_code 256
  *
- * out = T(f32(code_value * scale)), one IEEE f32 multiply then a round-to-nearest-even
- * conversion; with double quantization scale = f32(f32(nested_code[q] * nested_absmax) + offset)
- * with two roundings (__fmul_rn, __fadd_rn), never one FMA. The code book sits in shared memory:
+ * out = T(f32(code_value * scale)), one f32 multiply with a subnormal product flushed to zero
+ * (mul.rn.ftz, as bitsandbytes' --use_fast_math build; NaN is the GPU's 0x7fffffff) then a
+ * round-to-nearest-even conversion; with double quantization
+ * scale = f32(ftz(nested_code[q] * nested_absmax) + offset) with two roundings (mul_ftz,
+ * __fadd_rn), never one FMA. The code book sits in shared memory:
  * a __constant__ table would serialise a warp's 16 different addresses.
  */
 #include "qlora_kernels.h"
@@ -81,8 +83,8 @@ __device__ void dequantize_4bit(const unsigned char* __restrict__ packed,
         float v[16];
         for (int b = 0; b < 8; ++b) {
             const unsigned int byte = ((b < 4 ? raw.x : raw.y) >> (8 * (b & 3))) & 0xffu;
-            v[2 * b] = __fmul_rn(lut[byte >> 4], scale);
-            v[2 * b + 1] = __fmul_rn(lut[byte & 15u], scale);
+            v[2 * b] = mul_ftz(lut[byte >> 4], scale);
+            v[2 * b + 1] = mul_ftz(lut[byte & 15u], scale);
         }
         store16<T>(out + first, v);
         return;
@@ -91,8 +93,8 @@ __device__ void dequantize_4bit(const unsigned char* __restrict__ packed,
         const u64 i = first + 2 * (u64)b;
         if (i >= a.n) break;
         const unsigned int byte = packed[first_byte + b];
-        out[i] = from_f32<T>(__fmul_rn(lut[byte >> 4], scale));
-        if (i + 1 < a.n) out[i + 1] = from_f32<T>(__fmul_rn(lut[byte & 15u], scale));
+        out[i] = from_f32<T>(mul_ftz(lut[byte >> 4], scale));
+        if (i + 1 < a.n) out[i + 1] = from_f32<T>(mul_ftz(lut[byte & 15u], scale));
     }
 }
 

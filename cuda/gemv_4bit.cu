@@ -62,8 +62,8 @@ __device__ void gemv_4bit(const T* __restrict__ a, const unsigned char* __restri
             float w[8];
             for (int b = 0; b < 4; ++b) {
                 const unsigned int byte = (word >> (8 * b)) & 0xffu;
-                w[2 * b] = __fmul_rn(lut[byte >> 4], scale);
-                w[2 * b + 1] = __fmul_rn(lut[byte & 15u], scale);
+                w[2 * b] = mul_ftz(lut[byte >> 4], scale);
+                w[2 * b + 1] = mul_ftz(lut[byte & 15u], scale);
             }
             for (unsigned int m = 0; m < QLORA_GEMV_MAX_ROWS; ++m) {
                 if (m >= rows) break;
@@ -86,7 +86,7 @@ __device__ void gemv_4bit(const T* __restrict__ a, const unsigned char* __restri
             }
             const unsigned int byte = packed_w[e >> 1];
             const unsigned int code = (e & 1ull) ? (byte & 15u) : (byte >> 4);
-            const float w = __fmul_rn(lut[code], scale);
+            const float w = mul_ftz(lut[code], scale);
             for (unsigned int m = 0; m < QLORA_GEMV_MAX_ROWS; ++m) {
                 if (m < rows) acc[m] = __fadd_rn(acc[m], __fmul_rn(to_f32(a[m * K + k]), w));
             }

@@ -9,14 +9,17 @@
  *   owns     thread t of CUDA block b owns the E consecutive elements starting at
  *            (b * 256 + t) * E; a quantization block is a.blocksize / E consecutive threads,
  *            so one CUDA block holds 256 * E / blocksize quantization blocks (1 when bs >= 512)
- *   writes   absmax[ceil(n / bs)] (f32, the exact max |x| of the block, padding zeros included)
+ *   writes   absmax[ceil(n / bs)] (f32, the max ftz(|x|) of the block, padding zeros included)
  *            and packed[(n + 1) / 2] (element 2k in the HIGH nibble of byte k, 2k + 1 in the low)
  *   requires blocksize a power of two in [32, 4096]; checked by the Rust launcher
  *
- * Per element: xn = x * __frcp_rn(absmax) (IEEE reciprocal, then one f32 multiply), code from the
- * strict-> tree. All-zero block: 1/0 = inf, 0 * inf = NaN, NaN -> code 0 (bytes 0x00) as bnb
- * CUDA does. NaN inputs are dropped from absmax (fmaxf) and get code 0; an Inf makes the scale
- * 0 so finite values get NF4 code 7 and the Inf itself code 0 (section 2.5).
+ * Per block, exactly as bitsandbytes' CUDA build (--use_fast_math) computes it (reference notes
+ * section 12): absmax = max(ftz(|x|)) (NaN dropped by fmaxf), inv = rcp.approx.ftz(absmax)
+ * (MUFU.RCP, not the IEEE reciprocal), xn = ftz(ftz(x) * inv) (mul.rn.ftz), code from the
+ * strict-> tree with the CUDA NF4 thresholds. All-zero block: rcp(0) = inf, 0 * inf = NaN,
+ * NaN -> code 0 (bytes 0x00). NaN inputs get code 0; an Inf makes the scale 0 so finite values
+ * get NF4 code 7 and the Inf itself code 0 (section 2.5). For FP4 a negative product that
+ * underflows is -0.0 and gets code 0.
  */
 #include "qlora_kernels.h"
 #include "common.cuh"
@@ -36,19 +39,19 @@ __device__ void quantize_4bit(const T* __restrict__ x, unsigned char* __restrict
         u64 i = first + k;
         float v = i < a.n ? to_f32(x[i]) : 0.0f;
         vals[k] = v;
-        local = fmaxf(local, fabsf(v));
+        local = fmaxf(local, abs_ftz(v));
     }
     const float amax = segment_max_block(local, threads_per_block, scratch);
     const u64 qblock = first / bs;
     const u64 nblocks = (a.n + bs - 1) / bs;
     if (first % bs == 0 && qblock < nblocks) absmax[qblock] = amax;
 
-    const float inv = __frcp_rn(amax);
+    const float inv = rcp_approx_ftz(amax);
     for (unsigned int k = 0; k < e; k += 2) {
         u64 i = first + k;
         if (i >= a.n) break;
-        unsigned char hi = quantize_4bit_code(__fmul_rn(vals[k], inv), a.quant_type);
-        unsigned char lo = quantize_4bit_code(__fmul_rn(vals[k + 1], inv), a.quant_type);
+        unsigned char hi = quantize_4bit_code(mul_ftz(vals[k], inv), a.quant_type);
+        unsigned char lo = quantize_4bit_code(mul_ftz(vals[k + 1], inv), a.quant_type);
         packed[i / 2] = (unsigned char)((hi << 4) | lo);
     }
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: build the CUDA paths, run every GPU test with
-# QLORA_REQUIRE_GPU=1 (a missing driver, device or NVRTC fails instead of skipping), then print
+# QLORA_REQUIRE_GPU=1 (a missing driver, device or NVRTC fails instead of skipping), run them
+# again under compute-sanitizer (memcheck, leak check), then print
 # the bandwidth table (quantize, dequantize with and without double quantization, 8-bit AdamW)
 # next to a device-to-device copy measured in the same run.
 #
@@ -43,6 +44,29 @@ cargo test --release -p qlora-cuda --features cuda --test gpu --test paged
 
 phase "CUDA managed-memory pool"
 cargo test --release -p qlora-paged-alloc --features cuda --test cuda_backend
+
+# The GPU tests again under compute-sanitizer's memcheck (out-of-bounds and misaligned device
+# accesses, leaks): the test binaries cargo just built, run directly so that the sanitizer sees
+# only the test process. Skipped with a note where the toolkit has no compute-sanitizer.
+sanitizer="$(command -v compute-sanitizer || true)"
+[[ -z "$sanitizer" && -x "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" ]] &&
+    sanitizer="${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer"
+if [[ -n "$sanitizer" ]]; then
+    for t in gpu paged; do
+        phase "compute-sanitizer memcheck: qlora-cuda --test $t"
+        bin="$(cargo test --release -p qlora-cuda --features cuda --test "$t" --no-run \
+            --message-format=json 2>/dev/null |
+            sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)"
+        "$sanitizer" --tool memcheck --leak-check full --error-exitcode 1 "$bin" --test-threads=1
+    done
+    phase "compute-sanitizer memcheck: qlora-paged-alloc --test cuda_backend"
+    bin="$(cargo test --release -p qlora-paged-alloc --features cuda --test cuda_backend \
+        --no-run --message-format=json 2>/dev/null |
+        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)"
+    "$sanitizer" --tool memcheck --leak-check full --error-exitcode 1 "$bin" --test-threads=1
+else
+    phase "compute-sanitizer not found: memcheck runs skipped"
+fi
 
 phase "bandwidth"
 cargo run --release -p qlora-cuda --features cuda --example bandwidth

@@ -7,7 +7,7 @@ use crate::{Entry, Error, Result};
 use half::{bf16, f16};
 use qlora_codec::{Dtype, Element, QuantizeOptions, QuantizedTensor};
 use safetensors::Dtype as StDtype;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// Options of [`quantize_file`].
@@ -20,6 +20,11 @@ pub struct QuantizeFileOptions {
     /// Quantize tensors holding NaN or ±Inf instead of refusing them (bitsandbytes silently
     /// produces a destroyed block for Inf and code 0 for NaN).
     pub allow_non_finite: bool,
+    /// Explicit double-quantization offsets by tensor name (with `quant.double_quant`); other
+    /// tensors use the mean of their absmax values. bitsandbytes' offset is torch's f32 mean,
+    /// which on a GPU may differ from the correctly rounded mean by an ulp: giving a file's stored
+    /// `nested_offset` here reproduces that file byte for byte.
+    pub dq_offsets: BTreeMap<String, f32>,
 }
 
 /// What happened to one logical tensor.
@@ -82,7 +87,8 @@ fn quantize_dense<T: Element>(
             ));
         }
     }
-    QuantizedTensor::quantize(&data, shape, opts.quant)
+    let offset = opts.dq_offsets.get(name).copied();
+    QuantizedTensor::quantize_with_dq_offset(&data, shape, opts.quant, offset)
         .map_err(|e| tensor_err(ck.file(), name, e.to_string()))
 }
 

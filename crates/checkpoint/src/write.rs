@@ -333,7 +333,8 @@ fn quantize_typed<T: Element>(
             ));
         }
     }
-    QuantizedTensor::quantize(&data, shape, opts.quant)
+    let dq_offset = opts.dq_offsets.get(name).copied();
+    QuantizedTensor::quantize_with_dq_offset(&data, shape, opts.quant, dq_offset)
         .map_err(|e| tensor_err(&file, name, e.to_string()))
 }
 

@@ -461,6 +461,7 @@ fn selection_overrides_are_recorded_in_the_config() {
             )
             .unwrap(),
             allow_non_finite: false,
+            dq_offsets: Default::default(),
         },
         compute_dtype: Some(Dtype::F32),
     };

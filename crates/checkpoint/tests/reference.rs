@@ -47,6 +47,46 @@ fn case_prefixes(ck: &Checkpoint<'_>) -> Vec<String> {
 struct Stats {
     cases: usize,
     offsets_equal: usize,
+    codes_differing: usize,
+    nested_differing: usize,
+}
+
+fn nibble(packed: &[u8], i: usize) -> u8 {
+    if i % 2 == 0 {
+        packed[i / 2] >> 4
+    } else {
+        packed[i / 2] & 0x0f
+    }
+}
+
+/// Whether the IEEE product `x · (1/absmax)` lies within two ulps of one of `qt`'s decision
+/// thresholds (CUDA and CPU-backend NF4 thresholds; FP4's on `|xn|`), or flushing to zero can
+/// change its code (a subnormal input or product).
+fn ulp_near_threshold(qt: QuantType, x: f32, absmax: f32) -> bool {
+    use qlora_codec::codebook;
+    let xn = x * (1.0 / absmax);
+    if x.abs() < f32::MIN_POSITIVE || xn.abs() < f32::MIN_POSITIVE {
+        return true;
+    }
+    let near = |v: f32, t: f32| (v.to_bits() as i64 - t.to_bits() as i64).abs() <= 2;
+    match qt {
+        QuantType::Nf4 => codebook::NF4_THRESHOLDS
+            .iter()
+            .chain(&codebook::NF4_THRESHOLDS_CPU_BACKEND)
+            .any(|&t| near(xn, t)),
+        _ => codebook::FP4_THRESHOLDS.iter().any(|&t| near(xn.abs(), t)),
+    }
+}
+
+/// Whether the signed-map code of `x · (1/m)` could change between the IEEE reciprocal and the
+/// GPU's: the normalized value lies within two ulps of a midpoint between adjacent codes.
+fn ulp_near_midpoint(x: f32, m: f32) -> bool {
+    let v = DynamicMap::signed().values();
+    let xn = x * (1.0 / m);
+    (0..255).any(|i| {
+        let mid = (v[i] + v[i + 1]) * 0.5;
+        (xn.to_bits() as i64 - mid.to_bits() as i64).abs() <= 2
+    })
 }
 
 fn check_codec_file<T: Element>(file: &str, qt: QuantType, dq: bool) -> Stats {
@@ -55,6 +95,8 @@ fn check_codec_file<T: Element>(file: &str, qt: QuantType, dq: bool) -> Stats {
     let mut stats = Stats {
         cases: 0,
         offsets_equal: 0,
+        codes_differing: 0,
+        nested_differing: 0,
     };
     assert_eq!(
         f32s(&ck, "quant_map")
@@ -82,7 +124,23 @@ fn check_codec_file<T: Element>(file: &str, qt: QuantType, dq: bool) -> Stats {
         } else {
             bytes(&ck, &format!("{p}packed"))
         };
-        assert_eq!(packed, want_packed, "{file} {p}: packed codes");
+        // These vectors' CUDA rule used an IEEE reciprocal and the CPU backend's NF4 thresholds;
+        // our quantizer follows the GPU (MUFU.RCP, CUDA thresholds, ftz; checked against real GPU
+        // output in `bnb_cuda.rs`). The two may differ only where `x · (1/absmax)` lies within
+        // two ulps of a decision threshold, or where flushing to zero matters.
+        assert_eq!(packed.len(), want_packed.len());
+        for i in 0..n {
+            let (ours, theirs) = (nibble(&packed, i), nibble(&want_packed, i));
+            if ours != theirs {
+                let a = absmax[i / bs];
+                assert!(
+                    ulp_near_threshold(qt, input[i].to_f32(), a),
+                    "{file} {p}: code {i} ({} / {a}) is {ours}, vectors {theirs}",
+                    input[i].to_f32()
+                );
+                stats.codes_differing += 1;
+            }
+        }
         let raw_key = if dq { "absmax_raw" } else { "absmax" };
         let want_absmax = if has(&ck, &format!("{p}absmax_cuda")) {
             f32s(&ck, &format!("{p}absmax_cuda"))
@@ -119,7 +177,16 @@ fn check_codec_file<T: Element>(file: &str, qt: QuantType, dq: bool) -> Stats {
             } else {
                 bytes(&ck, &format!("{p}absmax"))
             };
-            assert_eq!(ours.codes, want_codes, "{file} {p}: nested codes");
+            for (j, (&a, &b)) in ours.codes.iter().zip(&want_codes).enumerate() {
+                if a != b {
+                    let m = ours.nested_absmax[j / 256];
+                    assert!(
+                        ulp_near_midpoint(raw[j] - offset, m),
+                        "{file} {p}: nested code {j} is {a}, vectors {b}"
+                    );
+                    stats.nested_differing += 1;
+                }
+            }
             assert_eq!(
                 ours.nested_absmax,
                 f32s(&ck, &format!("{p}nested_absmax")),
@@ -186,6 +253,11 @@ fn check_all<T: Element>(dtype: &str) {
                 if dq { "dq" } else { "nodq" }
             );
             let stats = check_codec_file::<T>(&file, qt, dq);
+            eprintln!(
+                "{file}: {} codes and {} nested codes differ from the vectors' IEEE-reciprocal \
+                 rule, all within two ulps of a threshold",
+                stats.codes_differing, stats.nested_differing
+            );
             // Every block size, eight or more cases each.
             assert!(stats.cases >= 8 * 8, "{file}: only {} cases", stats.cases);
             if dq {

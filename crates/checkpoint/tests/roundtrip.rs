@@ -50,6 +50,7 @@ proptest! {
             quant: QuantizeOptions { quant_type: qt, blocksize: bs, double_quant: dq },
             selection: Selection::default(),
             allow_non_finite: false,
+            dq_offsets: Default::default(),
         };
         quantize_file(&input, &q, &opts).unwrap();
         let out = dir.path().join("out.safetensors");

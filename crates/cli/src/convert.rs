@@ -54,6 +54,15 @@ pub(crate) struct QuantizeArgs {
     /// Quantize the absmax values again to 8 bits (QLoRA's double quantization).
     #[arg(long)]
     double_quant: bool,
+    /// With --double-quant: the offset of tensor NAME instead of the mean of its absmax values
+    /// (repeatable). Giving a checkpoint's stored `nested_offset` (torch's GPU mean, which can
+    /// differ from the correctly rounded mean by an ulp) reproduces it byte for byte.
+    #[arg(
+        long = "dq-offset",
+        value_name = "NAME=VALUE",
+        requires = "double_quant"
+    )]
+    dq_offset: Vec<String>,
     /// Never quantize tensors whose name matches this regular expression (repeatable).
     #[arg(long = "skip", value_name = "REGEX")]
     skip: Vec<String>,
@@ -178,6 +187,7 @@ pub(crate) fn quantize(args: &QuantizeArgs) -> CliResult {
         QuantTypeArg::Fp4 => QuantType::Fp4,
     };
     qlora_codec::check_blocksize(args.blocksize).map_err(|e| format!("--blocksize: {e}"))?;
+    let dq_offsets = parse_dq_offsets(&args.dq_offset)?;
     let conv = Conversion::Quantize {
         options: QuantizeFileOptions {
             quant: QuantizeOptions {
@@ -187,6 +197,7 @@ pub(crate) fn quantize(args: &QuantizeArgs) -> CliResult {
             },
             selection,
             allow_non_finite: args.allow_non_finite,
+            dq_offsets,
         },
         compute_dtype: args.compute_dtype.map(Into::into),
     };
@@ -197,6 +208,32 @@ pub(crate) fn quantize(args: &QuantizeArgs) -> CliResult {
         &args.max_shard_size,
         args.quiet,
     )
+}
+
+/// `NAME=VALUE` pairs of `--dq-offset`: a finite decimal, rounded to f32 (a JSON
+/// `nested_offset`, the f64 repr of an f32, comes back exactly).
+fn parse_dq_offsets(pairs: &[String]) -> Result<std::collections::BTreeMap<String, f32>, String> {
+    let mut map = std::collections::BTreeMap::new();
+    for pair in pairs {
+        let (name, value) = pair
+            .rsplit_once('=')
+            .filter(|(n, _)| !n.is_empty())
+            .ok_or_else(|| format!("--dq-offset {pair:?}: expected NAME=VALUE"))?;
+        let v: f64 = value
+            .trim()
+            .parse()
+            .map_err(|_| format!("--dq-offset {pair:?}: {value:?} is not a number"))?;
+        let v = v as f32;
+        if !v.is_finite() {
+            return Err(format!(
+                "--dq-offset {pair:?}: the offset must be finite in f32"
+            ));
+        }
+        if map.insert(name.to_string(), v).is_some() {
+            return Err(format!("--dq-offset: {name} given twice"));
+        }
+    }
+    Ok(map)
 }
 
 pub(crate) fn dequantize(args: &DequantizeArgs) -> CliResult {

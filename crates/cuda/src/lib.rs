@@ -10,13 +10,17 @@
 //! shared with them ([`constants`]), which need no GPU and no CUDA toolkit.
 //!
 //! # Numerics
-//! Kernels follow the bitsandbytes 0.50.2 CUDA semantics (reference notes §2–§6) but are
-//! compiled **without fast math** ([`NVRTC_OPTIONS`]): IEEE reciprocal (`x * __frcp_rn(absmax)`),
-//! division and square root, no flush to zero, no FMA contraction. So quantization equals a
-//! scalar CPU oracle bit for bit (including the all-zero block → code 0 and the NaN/Inf rules of
-//! §2.5), dequantization is one f32 multiply and a round-to-nearest-even conversion, and the
-//! double-quantized scale is `f32(f32(code2[q] · nested_absmax[j/256]) + offset)` with two
-//! roundings. The optimizer kernels document their exact evaluation order in their source.
+//! Kernels follow the bitsandbytes 0.50.2 CUDA semantics (reference notes §2–§6, §12) and are
+//! compiled **without fast math** ([`NVRTC_OPTIONS`]): IEEE division and square root, no FMA
+//! contraction. Where bitsandbytes' own `--use_fast_math` build differs, the quantize and
+//! dequantize kernels reproduce it on purpose with inline PTX: the reciprocal of the absmax is
+//! `rcp.approx.ftz.f32` (`MUFU.RCP`), and the products `x · inv`, `code · absmax` and
+//! `code2[q] · nested_absmax` are `mul.rn.ftz.f32` (flush to zero). So quantization equals the
+//! CPU oracle (which reproduces `MUFU.RCP` from a measured table) and bitsandbytes on a GPU bit for
+//! bit (including the all-zero block → code 0 and the NaN/Inf rules of §2.5), dequantization is one
+//! flushing f32 multiply and a round-to-nearest-even conversion, and the double-quantized scale is
+//! `f32(ftz(code2[q] · nested_absmax[j/256]) + offset)` with two roundings. The optimizer kernels
+//! are IEEE and document their exact evaluation order in their source.
 //!
 //! # Features
 //! | feature | what it adds |

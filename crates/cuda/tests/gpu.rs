@@ -556,8 +556,16 @@ where
     )
     .unwrap();
     let got = down(dev, &out);
-    // f32 accumulation over K terms plus the output rounding of T.
-    let out_eps = (T::from_f32(1.0 + f32::EPSILON * 64.0).to_f32() - 1.0).max(f32::EPSILON) as f64;
+    // f32 accumulation over K terms, then the output's rounding to T: at most half an ulp of T,
+    // i.e. the unit roundoff u_T (2^-24 for f32, 2^-11 for f16, 2^-8 for bf16) relative to the
+    // accumulated value, plus half of f16's smallest subnormal step near zero. (The old bound
+    // used f32's epsilon for every T, so a correctly rounded bf16 1.21875 for 1.21503 failed.)
+    let ulp_of_one = (1..=30)
+        .map(|k| 2f32.powi(-k))
+        .take_while(|&e| T::from_f32(1.0 + e).to_f32() != 1.0)
+        .last()
+        .expect("T represents 1.5");
+    let unit_roundoff = ulp_of_one as f64 / 2.0;
     for (i, (g, r)) in got.iter().zip(&reference).enumerate() {
         let scale: f64 = (0..in_f)
             .map(|k| {
@@ -565,7 +573,8 @@ where
                 (a[m * in_f + k].to_f32() as f64 * wd[j * in_f + k] as f64).abs()
             })
             .sum();
-        let tol = scale * (in_f as f64 * f32::EPSILON as f64) + r.abs() * out_eps + 1e-30;
+        let accumulation = scale * (in_f as f64 * f32::EPSILON as f64);
+        let tol = accumulation + (r.abs() + accumulation) * unit_roundoff + 3e-8;
         assert!(
             (g.to_f32() as f64 - r).abs() <= tol,
             "gemv out[{i}] = {} vs {r} (tol {tol}), rows={rows} N={out_f} K={in_f} bs={bs}",

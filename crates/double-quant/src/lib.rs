@@ -17,10 +17,16 @@
 //!   which always returns the **nearest** code; an exact tie between two codes goes to the **even
 //!   index**; values beyond the table clamp to index 0 / 255; NaN encodes as index 0.
 //! * [`quantize_blockwise`] / [`dequantize_blockwise`]: per block, `absmax = max |x|` (NaN
-//!   ignored, as CUDA's `fmaxf` reduction does), `code = encode(x * (1/absmax))`,
-//!   `x' = f32(map[code] * absmax)`.
+//!   ignored, as CUDA's `fmaxf` reduction does; subnormals flushed), `code = encode(x * inv)` with
+//!   `inv` the GPU's approximate reciprocal of the absmax ([`fastmath::rcp_approx_ftz`]: bitsandbytes'
+//!   CUDA build uses `--use_fast_math`), `x' = f32(map[code] * absmax)`. Codes, absmax and
+//!   dequantization equal bitsandbytes' CUDA output on an H200 bit for bit.
+//! * [`fastmath`]: `rcp.approx.ftz.f32` from a table measured over every f32 mantissa, and
+//!   flush-to-zero.
 //! * [`DoubleQuantAbsmax`]: QLoRA's double quantization of the per-block absmax of a 4-bit tensor:
-//!   `offset = mean(absmax)` (accumulated in f64, rounded to f32), the centred values quantized
+//!   `offset = mean(absmax)` (accumulated in f64, rounded to f32; bitsandbytes' is torch's GPU mean,
+//!   which can be an ulp away — [`DoubleQuantAbsmax::compress_with_offset`] takes a stored one and
+//!   then reproduces bitsandbytes' nested codes and absmax exactly), the centred values quantized
 //!   with the signed map in blocks of [`NESTED_BLOCKSIZE`] = 256, reconstructed as
 //!   `f32(f32(map[q] * nested_absmax[j / 256]) + offset)`.
 //!
@@ -97,6 +103,7 @@
 #[allow(unsafe_code)]
 mod arch;
 mod encoder;
+pub mod fastmath;
 mod maps_table;
 mod simd;
 #[cfg(feature = "testing")]
@@ -393,12 +400,32 @@ pub fn num_blocks(n: usize, blocksize: usize) -> usize {
 }
 
 /// Quantize one block: returns its absmax and writes one code per element.
+///
+/// As bitsandbytes' CUDA kernel (`--use_fast_math`): `absmax = max(ftz(|x|))` (NaN ignored),
+/// `inv = rcp.approx.ftz(absmax)` ([`fastmath::rcp_approx_ftz`]), `code = encode(ftz(ftz(x) · inv))`.
 #[inline]
 pub fn quantize_block(map: &DynamicMap, block: &[f32], codes: &mut [u8]) -> f32 {
     debug_assert_eq!(block.len(), codes.len());
-    let absmax = block_absmax(block);
-    map.encoder().encode_scaled(block, 1.0f32 / absmax, codes);
+    let absmax = fastmath::ftz_absmax(block_absmax(block));
+    encode_block_gpu(map.encoder(), block, absmax, codes);
     absmax
+}
+
+/// Codes of a block with the CUDA kernels' fast math, given its (flushed) absmax: the slice
+/// encoder on `x · rcp_approx_ftz(absmax)`, or element by element with every flush where the
+/// absmax is so small that a subnormal input could matter ([`fastmath::is_tiny_absmax`]; for a
+/// larger absmax a subnormal input's product is below 2⁻²⁶, where both maps give the code of 0).
+#[inline]
+fn encode_block_gpu(enc: &Encoder, block: &[f32], absmax: f32, codes: &mut [u8]) {
+    let inv = fastmath::rcp_approx_ftz(absmax);
+    if fastmath::is_tiny_absmax(absmax) {
+        use fastmath::ftz;
+        for (c, &x) in codes.iter_mut().zip(block) {
+            *c = enc.encode(ftz(ftz(x) * inv));
+        }
+    } else {
+        enc.encode_scaled(block, inv, codes);
+    }
 }
 
 /// Blockwise 8-bit quantization (bitsandbytes `quantize_blockwise`, CUDA rule).
@@ -628,8 +655,8 @@ fn compress_blocks(
         .zip(nested.iter_mut())
     {
         let centered = &mut centered[..a.len()];
-        let m = center_and_absmax(a, offset, centered);
-        enc.encode_scaled(centered, 1.0f32 / m, c);
+        let m = fastmath::ftz_absmax(center_and_absmax(a, offset, centered));
+        encode_block_gpu(enc, centered, m, c);
         *n = m;
     }
 }
@@ -730,7 +757,9 @@ impl DoubleQuantAbsmax {
 /// roundings exactly as bitsandbytes' Python path does (no fused multiply-add).
 #[inline]
 pub fn reconstruct_absmax(code: u8, nested: f32, offset: f32) -> f32 {
-    let scaled = DynamicMap::signed().decode(code) * nested;
+    // The product is bitsandbytes' fast-math `dequantize_blockwise` kernel (flush to zero, CUDA's
+    // NaN); the sum is torch's IEEE addition.
+    let scaled = fastmath::mul_ftz(DynamicMap::signed().decode(code), nested);
     scaled + offset
 }
 
@@ -1017,8 +1046,10 @@ mod tests {
         let (mut codes, mut nested) = (Vec::new(), Vec::new());
         for block in a.chunks(NESTED_BLOCKSIZE) {
             let c: Vec<f32> = block.iter().map(|&v| v - offset).collect();
-            let m = c.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
-            codes.extend(c.iter().map(|&x| map.encode(x * (1.0 / m))));
+            let m = fastmath::ftz(c.iter().fold(0.0f32, |m, &x| m.max(x.abs())));
+            let inv = fastmath::rcp_approx_ftz(m);
+            let enc = |x: f32| map.encode(fastmath::ftz(fastmath::ftz(x) * inv));
+            codes.extend(c.iter().map(|&x| enc(x)));
             nested.push(m);
         }
         (offset, codes, nested)
@@ -1096,7 +1127,7 @@ mod tests {
             let m = c.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
             assert_eq!(dq.nested_absmax[j].to_bits(), m.to_bits());
             for (i, &x) in c.iter().enumerate() {
-                let code = DynamicMap::signed().encode(x * (1.0 / m));
+                let code = DynamicMap::signed().encode(x * fastmath::rcp_approx_ftz(m));
                 assert_eq!(dq.codes[j * NESTED_BLOCKSIZE + i], code, "block {j} [{i}]");
             }
         }

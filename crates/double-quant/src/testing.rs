@@ -9,6 +9,7 @@
 //!
 //! ```
 //! use proptest::prelude::*;
+//! use qlora_double_quant::fastmath::rcp_approx_ftz;
 //! use qlora_double_quant::testing::{absmax_values, reference_encode};
 //! use qlora_double_quant::{DoubleQuantAbsmax, DynamicMap};
 //!
@@ -17,11 +18,13 @@
 //!     let centred: Vec<f32> = absmax.iter().map(|a| a - dq.offset).collect();
 //!     for (j, &c) in dq.codes.iter().enumerate() {
 //!         let scale = dq.nested_absmax[j / 256];
-//!         prop_assert_eq!(c, reference_encode(DynamicMap::signed(), centred[j] * (1.0 / scale)));
+//!         let xn = centred[j] * rcp_approx_ftz(scale);
+//!         prop_assert_eq!(c, reference_encode(DynamicMap::signed(), xn));
 //!     }
 //! });
 //! ```
 
+use crate::fastmath::{ftz, rcp_approx_ftz};
 use crate::{DynamicMap, MapKind, NESTED_BLOCKSIZE};
 use proptest::prelude::*;
 use std::ops::Range;
@@ -42,8 +45,9 @@ pub fn reference_encode(map: &DynamicMap, xn: f32) -> u8 {
     k as u8
 }
 
-/// Blockwise 8-bit quantization as a plain loop: per block `absmax = max |x|` (NaN ignored),
-/// `code = reference_encode(x · (1/absmax))`. Returns `(codes, absmax)`.
+/// Blockwise 8-bit quantization as a plain loop, with the CUDA build's fast math: per block
+/// `absmax = max ftz(|x|)` (NaN ignored), `inv = rcp_approx_ftz(absmax)`,
+/// `code = reference_encode(ftz(ftz(x) · inv))`. Returns `(codes, absmax)`.
 pub fn reference_quantize_blockwise(
     map: &DynamicMap,
     input: &[f32],
@@ -55,9 +59,13 @@ pub fn reference_quantize_blockwise(
         let a = block
             .iter()
             .filter(|x| !x.is_nan())
-            .fold(0.0f32, |m, &x| m.max(x.abs()));
-        let inv = 1.0f32 / a;
-        codes.extend(block.iter().map(|&x| reference_encode(map, x * inv)));
+            .fold(0.0f32, |m, &x| m.max(ftz(x).abs()));
+        let inv = rcp_approx_ftz(a);
+        codes.extend(
+            block
+                .iter()
+                .map(|&x| reference_encode(map, ftz(ftz(x) * inv))),
+        );
         absmax.push(a);
     }
     (codes, absmax)

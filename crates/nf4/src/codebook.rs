@@ -13,9 +13,35 @@ pub const NF4_TABLE_BITS: [u32; 16] = [
 /// The NF4 codebook values (see [`NF4_TABLE_BITS`]).
 pub const NF4_TABLE: [f32; 16] = bits_to_f32(&NF4_TABLE_BITS);
 
-/// The 15 NF4 decision thresholds of `dQuantizeNF4` as f32: `T[i-1]` separates code `i-1` from
-/// code `i`. They equal the f32 midpoints of adjacent [`NF4_TABLE`] entries.
-pub const NF4_THRESHOLDS: [f32; 15] = [
+/// The 15 NF4 decision thresholds of bitsandbytes' CUDA `dQuantizeNF4`, as f32 bit patterns:
+/// `T[i-1]` separates code `i-1` from code `i`.
+///
+/// These are the kernel's decimal literals (`0.8614784181118011f`, …) *correctly rounded* to f32
+/// by the CUDA compiler. For four of them (T1, T9, T13, T15) that is one ulp away from the f64
+/// literal rounded to f32 (`0.8614784181118011_f64 as f32`), which is what bitsandbytes' CPU backend
+/// compares with ([`NF4_THRESHOLDS_CPU_BACKEND`]); the GPU's thresholds are the default here since
+/// that is what a checkpoint quantized on a GPU contains.
+pub const NF4_THRESHOLD_BITS: [u32; 15] = [
+    0xbf591cd9, 0xbf1c5270, 0xbeeb8480, 0xbeadea76, 0xbe703cec, 0xbe0d38bc, 0xbd3a7871, 0x3d22faff,
+    0x3df64863, 0x3e5067e0, 0x3e9582d4, 0x3ec753f9, 0x3f006d03, 0x3f248daf, 0x3f5c89d9,
+];
+
+/// The NF4 decision thresholds the CUDA kernels use (see [`NF4_THRESHOLD_BITS`]).
+pub const NF4_THRESHOLDS: [f32; 15] = {
+    let mut t = [0.0f32; 15];
+    let mut i = 0;
+    while i < 15 {
+        t[i] = f32::from_bits(NF4_THRESHOLD_BITS[i]);
+        i += 1;
+    }
+    t
+};
+
+/// The thresholds of bitsandbytes' CPU (PyTorch) backend: the f32 midpoints of adjacent
+/// [`NF4_TABLE`] entries, equal to the f64 literals rounded to f32. They differ from
+/// [`NF4_THRESHOLDS`] by one ulp at T1, T9, T13 and T15. Kept for comparisons with vectors written
+/// by bitsandbytes on a CPU; nothing in the library quantizes with them.
+pub const NF4_THRESHOLDS_CPU_BACKEND: [f32; 15] = [
     -0.848_096_4,
     -0.610_632_9,
     -0.459_995_27,
@@ -90,8 +116,8 @@ const fn bits_to_f32(bits: &[u32; 16]) -> [f32; 16] {
     t
 }
 
-/// NF4 code of a normalized value, exactly as `dQuantizeNF4`: the number of thresholds that `xn`
-/// strictly exceeds. A value exactly on a threshold takes the lower code; NaN gives code 0.
+/// NF4 code of a normalized value, exactly as `dQuantizeNF4` (CUDA build, [`NF4_THRESHOLDS`]): the
+/// number of thresholds that `xn` strictly exceeds. A value exactly on a threshold takes the lower code; NaN gives code 0.
 #[inline]
 pub fn encode_nf4(xn: f32) -> u8 {
     let t = &NF4_THRESHOLDS;
@@ -147,6 +173,9 @@ pub fn encode_nf4(xn: f32) -> u8 {
 
 /// FP4 code of a normalized value, exactly as `dQuantizeFP4`: sign bit 3 set when `xn < 0`
 /// (so −0.0 and NaN are positive), magnitude by a strict-`>` tree over [`FP4_THRESHOLDS`].
+///
+/// `xn` is the already flushed product: in the CUDA build a negative product that underflows is
+/// −0.0 and gets code 0 ([`crate::scalar::quantize_blocks`] flushes before calling this).
 #[inline]
 pub fn encode_fp4(xn: f32) -> u8 {
     let sign = if xn < 0.0 { 0b1000 } else { 0 };
@@ -264,19 +293,53 @@ mod tests {
     }
 
     #[test]
-    fn nf4_thresholds_are_f32_midpoints() {
+    fn nf4_cpu_thresholds_are_f32_midpoints() {
         for i in 1..16 {
             let mid = (NF4_TABLE[i - 1] + NF4_TABLE[i]) / 2.0;
             assert_eq!(
                 mid.to_bits(),
-                NF4_THRESHOLDS[i - 1].to_bits(),
+                NF4_THRESHOLDS_CPU_BACKEND[i - 1].to_bits(),
                 "boundary {i}"
             );
         }
     }
 
+    /// The CUDA thresholds are the decimal literals of `dQuantizeNF4` correctly rounded to f32
+    /// (Rust's `f32` parsing rounds correctly), one ulp from the CPU ones at T1, T9, T13, T15.
     #[test]
-    fn nf4_threshold_bits_match_kernel_literals() {
+    #[allow(clippy::excessive_precision)] // the kernel's decimal literals, verbatim, are the point
+    fn nf4_cuda_thresholds_are_the_literals_correctly_rounded() {
+        let literals: [f32; 15] = [
+            -0.8480964004993439,
+            -0.6106329262256622,
+            -0.4599952697753906,
+            -0.33967943489551544,
+            -0.23460740596055984,
+            -0.13791173323988914,
+            -0.045525018125772476,
+            0.03979014977812767,
+            0.1202552504837513,
+            0.2035212516784668,
+            0.2920137718319893,
+            0.3893125355243683,
+            0.5016634166240692,
+            0.6427869200706482,
+            0.8614784181118011,
+        ];
+        for (i, ((t, l), c)) in NF4_THRESHOLDS
+            .iter()
+            .zip(literals)
+            .zip(NF4_THRESHOLDS_CPU_BACKEND)
+            .enumerate()
+        {
+            assert_eq!(t.to_bits(), l.to_bits(), "T{}", i + 1);
+            let ulps = (t.to_bits() as i64 - c.to_bits() as i64).abs();
+            assert_eq!(ulps, i64::from([0, 8, 12, 14].contains(&i)), "T{}", i + 1);
+        }
+    }
+
+    #[test]
+    fn nf4_cpu_threshold_bits_match_the_cpu_backend() {
         let bits = [
             0xbf591cd8u32,
             0xbf1c5270,
@@ -294,7 +357,7 @@ mod tests {
             0x3f248daf,
             0x3f5c89da,
         ];
-        for (t, b) in NF4_THRESHOLDS.iter().zip(bits) {
+        for (t, b) in NF4_THRESHOLDS_CPU_BACKEND.iter().zip(bits) {
             assert_eq!(t.to_bits(), b);
         }
     }

@@ -130,7 +130,7 @@ impl Matrix<'_> {
         let table = self.quant_type.table();
         let mut t = [0.0f32; 16];
         for (o, &v) in t.iter_mut().zip(table) {
-            *o = round_to(self.dtype, v * a);
+            *o = round_to(self.dtype, qlora_double_quant::fastmath::mul_ftz(v, a));
         }
         t
     }

@@ -286,6 +286,34 @@ impl Kernel for ScalarKernel {
     }
 }
 
+/// Run whole blocks of raw element bytes (`src`: 0 = f32, 1 = f16, 2 = bf16, the SIMD kernels'
+/// tags) through the oracle: the SIMD kernels' path for blocks with a tiny absmax
+/// ([`qlora_double_quant::fastmath::is_tiny_absmax`]), where flushing subnormal inputs matters.
+#[cfg_attr(not(qlora_simd), allow(dead_code))]
+pub(crate) fn oracle_blocks(
+    qt: QuantType,
+    src: u8,
+    x: &[u8],
+    bs: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) {
+    match src {
+        0 => scalar::quantize_blocks(qt, bytemuck::cast_slice::<u8, f32>(x), bs, packed, absmax),
+        1 => scalar::quantize_blocks(qt, bytemuck::cast_slice::<u8, f16>(x), bs, packed, absmax),
+        _ => scalar::quantize_blocks(qt, bytemuck::cast_slice::<u8, bf16>(x), bs, packed, absmax),
+    }
+}
+
+/// [`oracle_blocks`] for one (possibly partial) block; its absmax is not written.
+#[cfg_attr(not(qlora_simd), allow(dead_code))]
+pub(crate) fn oracle_block(qt: QuantType, src: u8, block: &[u8], bytes: &mut [u8]) {
+    let elem_size = if src == 0 { 4 } else { 2 };
+    let len = block.len() / elem_size;
+    let bs = (len + len % 2).max(2);
+    oracle_blocks(qt, src, block, bs, bytes, &mut [0f32]);
+}
+
 /// Blocks per parallel work item: enough elements that a task is worth scheduling.
 pub(crate) fn blocks_per_task(blocksize: usize) -> usize {
     (PARALLEL_THRESHOLD / 4 / blocksize).max(1)

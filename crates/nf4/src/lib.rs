@@ -12,15 +12,26 @@
 //! A tensor of `n` elements (flattened row-major) is cut into blocks of `blocksize` elements
 //! (32, 64, …, 4096; the last block may be partial). Per block:
 //!
-//! * `absmax = max |x|` in f32 (NaN ignored);
-//! * each element is normalized as `xn = x * (1/absmax)` in f32 and mapped to a 4-bit code by
-//!   bitsandbytes' decision tree (strict `>`: a value exactly on a threshold takes the lower code);
+//! * `absmax = max |x|` in f32 (NaN ignored, subnormal values flushed to zero);
+//! * each element is normalized as `xn = x * inv` in f32 and mapped to a 4-bit code by
+//!   bitsandbytes' decision tree (strict `>`: a value exactly on a threshold takes the lower code),
+//!   where `inv` is what bitsandbytes' CUDA build (`--use_fast_math`) computes for `1/absmax`: the
+//!   GPU's approximate reciprocal `MUFU.RCP`, reproduced from a table measured on an H200
+//!   ([`qlora_double_quant::fastmath`]), and inputs and products flush to zero;
 //! * codes are packed two per byte, **element 2k in the high nibble of byte k**; an odd length
 //!   pads the last low nibble with the code of 0.
 //!
-//! Dequantization is `T(f32(table[code] * absmax))` with round-to-nearest-even to f16/bf16. With
-//! double quantization the absmax values are themselves stored as 8-bit codes (see
-//! [`qlora_double_quant`]).
+//! Dequantization is `T(f32(table[code] * absmax))` with round-to-nearest-even to f16/bf16 (a
+//! subnormal product flushed, a NaN the GPU's `0x7fffffff`). With double quantization the absmax
+//! values are themselves stored as 8-bit codes (see [`qlora_double_quant`]).
+//!
+//! **Exactness.** Codes, absmax and dequantized values equal bitsandbytes 0.50.2's CUDA output on
+//! an NVIDIA H200 bit for bit for every quant type, block size and dtype (measured on sm_90; other
+//! GPU generations unverified; `testdata/bnb-cuda-sm90`). With double quantization the nested
+//! codes are exact given the offset; the default offset is the correctly rounded mean, which can
+//! be an ulp from torch's GPU mean ([`QuantizedTensor::quantize_with_dq_offset`] takes a stored
+//! one). bitsandbytes' *CPU* backend uses an IEEE reciprocal and one-ulp-different NF4 thresholds
+//! ([`codebook::NF4_THRESHOLDS_CPU_BACKEND`]), so its codes differ near thresholds.
 //!
 //! Degenerate blocks follow the CUDA kernels (bitsandbytes' checkpoints were written by them; its
 //! CPU path differs, see `docs/numerics.md`):
@@ -185,6 +196,16 @@ impl QuantType {
         match self {
             QuantType::Nf4 => "nf4",
             QuantType::Fp4 => "fp4",
+        }
+    }
+
+    /// `Nf4` when `nf4`, else `Fp4` (for the SIMD kernels' const parameter).
+    #[cfg_attr(not(qlora_simd), allow(dead_code))]
+    pub(crate) const fn of_nf4(nf4: bool) -> Self {
+        if nf4 {
+            QuantType::Nf4
+        } else {
+            QuantType::Fp4
         }
     }
 

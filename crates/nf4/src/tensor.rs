@@ -113,10 +113,36 @@ fn numel_of(shape: &[usize]) -> Option<usize> {
 
 impl QuantizedTensor {
     /// Quantize `data` (row-major, `shape`) with the given options.
+    ///
+    /// With double quantization the offset is the correctly rounded mean of the absmax values
+    /// ([`qlora_double_quant::absmax_mean`]); bitsandbytes uses torch's f32 mean, which on a GPU
+    /// can differ by an ulp. To reproduce a given file byte for byte, pass its offset to
+    /// [`quantize_with_dq_offset`](Self::quantize_with_dq_offset).
     pub fn quantize<T: Element>(
         data: &[T],
         shape: &[usize],
         options: QuantizeOptions,
+    ) -> Result<Self, Error> {
+        Self::quantize_with_dq_offset(data, shape, options, None)
+    }
+
+    /// [`quantize`](Self::quantize) with an explicit double-quantization offset (`None`: the
+    /// mean). The offset is used only when `options.double_quant` is set.
+    ///
+    /// ```
+    /// use qlora_codec::{Absmax, QuantizeOptions, QuantizedTensor};
+    ///
+    /// let w: Vec<f32> = (0..4096).map(|i| ((i * 37 % 101) as f32 - 50.0) / 400.0).collect();
+    /// let q = QuantizedTensor::quantize_with_dq_offset(&w, &[64, 64], QuantizeOptions::qlora(), Some(0.1))?;
+    /// let Absmax::Double(dq) = q.absmax() else { unreachable!() };
+    /// assert_eq!(dq.offset, 0.1);
+    /// # Ok::<(), qlora_codec::Error>(())
+    /// ```
+    pub fn quantize_with_dq_offset<T: Element>(
+        data: &[T],
+        shape: &[usize],
+        options: QuantizeOptions,
+        dq_offset: Option<f32>,
     ) -> Result<Self, Error> {
         check_blocksize(options.blocksize)?;
         let numel = numel_of(shape).unwrap_or(usize::MAX);
@@ -137,7 +163,10 @@ impl QuantizedTensor {
             &mut absmax,
         )?;
         let absmax = if options.double_quant {
-            Absmax::Double(DoubleQuantAbsmax::compress(&absmax))
+            Absmax::Double(match dq_offset {
+                Some(offset) => DoubleQuantAbsmax::compress_with_offset(&absmax, offset),
+                None => DoubleQuantAbsmax::compress(&absmax),
+            })
         } else {
             Absmax::F32(absmax)
         };

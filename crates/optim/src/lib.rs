@@ -115,7 +115,12 @@
 //!
 //! CUDA compiles these kernels with `--use_fast_math` (`__powf`, `__fdividef`, approximate
 //! `sqrtf`, FMA contraction); this crate uses IEEE f32 (`powf`, `/`, `sqrt`, no contraction), so
-//! it is bit-exact to the kernel's *rule* and within f32 rounding of a GPU. bitsandbytes' CPU
+//! it follows the kernel's *rule* but not its rounding. Against bitsandbytes' kernels on an
+//! NVIDIA H200 (`testdata/bnb-cuda-sm90`, 10 steps, 17 618 parameters) the 8-bit state codes are
+//! 100 % / 99.994 % equal and the parameter changes `p_t − p_0` are within 1e-4 of the largest
+//! change for 99.994 % of elements (worst 1.55e-4): the GPU's bias corrections `1 − β^t` are
+//! `1 − ex2(t·lg2 β)` with approximate `lg2`/`ex2`, off by up to ~1e-4 relative for β₂ = 0.999 at
+//! early steps — bitsandbytes' rounding, not worth emulating. bitsandbytes' CPU
 //! backend differs more (decay before the step, an approximate 8-bit quantizer); see the tests
 //! against its recorded trajectories in `testdata/optim/`.
 // `unsafe` is confined to `arch` (calls of `#[target_feature]` copies of the safe kernels).

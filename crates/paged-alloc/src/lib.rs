@@ -56,7 +56,7 @@
 //! # Features
 //! | feature | what it adds |
 //! |---|---|
-//! | `cuda` | [`Backend::Cuda`]: managed memory through cudarc (the driver is loaded at run time; building needs no CUDA toolkit) |
+//! | `cuda` | `Backend::Cuda`: managed memory through cudarc (the driver is loaded at run time; building needs no CUDA toolkit) |
 #![deny(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -202,7 +202,7 @@ impl Pool {
     /// # Errors
     /// [`PoolError::InvalidConfig`] for a zero budget; on the CUDA backend, driver errors
     /// ([`PoolError::DriverUnavailable`], [`PoolError::DriverTooOld`],
-    /// [`PoolError::ManagedMemoryUnsupported`], [`PoolError::Driver`]).
+    /// [`PoolError::ManagedMemoryUnsupported`], `PoolError::Driver` (feature `cuda`)).
     pub fn new(config: PoolConfig) -> Result<Self, PoolError> {
         if config.budget_bytes == 0 {
             return Err(PoolError::InvalidConfig {
@@ -271,7 +271,7 @@ impl Pool {
     /// # Errors
     /// [`PoolError::ZeroSizedType`], [`PoolError::UnsupportedAlignment`],
     /// [`PoolError::TooLarge`], [`PoolError::BudgetExceeded`], and on the CUDA backend
-    /// [`PoolError::DeviceMemory`] or [`PoolError::Driver`].
+    /// [`PoolError::DeviceMemory`] or `PoolError::Driver` (feature `cuda`).
     ///
     /// ```
     /// use qlora_paged_alloc::{Pool, PoolConfig};
@@ -461,7 +461,7 @@ impl<T: Pod> PagedBuf<T> {
     /// The elements, after any device work on this buffer has finished.
     ///
     /// # Errors
-    /// [`PoolError::Driver`] if waiting for pending device work fails (CUDA backend).
+    /// `PoolError::Driver` (feature `cuda`) if waiting for pending device work fails (CUDA backend).
     pub fn as_slice(&self) -> Result<&[T], PoolError> {
         let bytes = self.len * std::mem::size_of::<T>();
         let raw: &[u8] = match &self.block().storage {
@@ -475,7 +475,7 @@ impl<T: Pod> PagedBuf<T> {
     /// The elements, mutably, after any device work on this buffer has finished.
     ///
     /// # Errors
-    /// [`PoolError::Driver`] if waiting for pending device work fails (CUDA backend).
+    /// `PoolError::Driver` (feature `cuda`) if waiting for pending device work fails (CUDA backend).
     pub fn as_mut_slice(&mut self) -> Result<&mut [T], PoolError> {
         let bytes = self.len * std::mem::size_of::<T>();
         let block = self.block.as_mut().expect("present until drop");
@@ -492,7 +492,7 @@ impl<T: Pod> PagedBuf<T> {
     ///
     /// # Errors
     /// [`PoolError::ForeignStream`] for a CUDA stream on a host pool or another device's stream;
-    /// [`PoolError::Driver`] if the driver rejects the prefetch.
+    /// `PoolError::Driver` (feature `cuda`) if the driver rejects the prefetch.
     pub fn prefetch_to_device(&mut self, stream: &Stream) -> Result<(), PoolError> {
         self.hint(Hint::ToDevice(stream))
     }
@@ -500,7 +500,7 @@ impl<T: Pod> PagedBuf<T> {
     /// Asks for the buffer's pages to move back to host memory. Host backend: counted only.
     ///
     /// # Errors
-    /// [`PoolError::Driver`] if the driver rejects the prefetch.
+    /// `PoolError::Driver` (feature `cuda`) if the driver rejects the prefetch.
     pub fn prefetch_to_host(&mut self) -> Result<(), PoolError> {
         self.hint(Hint::ToHost)
     }
@@ -508,7 +508,7 @@ impl<T: Pod> PagedBuf<T> {
     /// Gives the driver a placement hint (`cuMemAdvise`). Host backend: counted only.
     ///
     /// # Errors
-    /// [`PoolError::Driver`] if the driver rejects the advice.
+    /// `PoolError::Driver` (feature `cuda`) if the driver rejects the advice.
     pub fn advise(&mut self, advice: Advice) -> Result<(), PoolError> {
         self.hint(Hint::Advise(advice))
     }

@@ -13,10 +13,11 @@
 //! exceeded (`fcmgt`), FP4 by the sign test and counting the 7 magnitude thresholds. f16 input is
 //! widened exactly with integer operations.
 
-use crate::kernel::{Dense, DenseMut, DequantJob, Kernel as KernelTrait};
+use crate::kernel::{self, Dense, DenseMut, DequantJob, Kernel as KernelTrait};
 use crate::{codebook, scalar, AbsmaxView, Element, QuantType};
 use core::arch::aarch64::*;
 use half::{bf16, f16};
+use qlora_double_quant::fastmath;
 
 const SRC_F32: u8 = 0;
 const SRC_F16: u8 = 1;
@@ -162,10 +163,13 @@ unsafe fn load4<const SRC: u8>(p: *const u8) -> float32x4_t {
     }
 }
 
-/// Codes of 4 normalized values (one per u32 lane).
+/// Codes of 4 values `x · inv` (one per u32 lane; `inv` the block's `rcp_approx_ftz(absmax)`,
+/// absmax not tiny). FP4's sign follows the CUDA build's flush-to-zero: set only when `x` and the
+/// product are both at most `−f32::MIN_POSITIVE`.
 #[inline]
 #[target_feature(enable = "neon")]
-fn encode4<const NF4: bool>(xn: float32x4_t) -> uint32x4_t {
+fn encode4<const NF4: bool>(x: float32x4_t, inv: f32) -> uint32x4_t {
+    let xn = vmulq_n_f32(x, inv);
     let mut count = vdupq_n_u32(0);
     if NF4 {
         for t in codebook::NF4_THRESHOLDS {
@@ -185,7 +189,9 @@ fn encode4<const NF4: bool>(xn: float32x4_t) -> uint32x4_t {
             ),
             vdupq_n_u32(0xf),
         );
-        let sign = vandq_u32(vcltq_f32(xn, vdupq_n_f32(0.0)), vdupq_n_u32(8));
+        let neg_min = vdupq_n_f32(-f32::MIN_POSITIVE);
+        let negative = vandq_u32(vcleq_f32(xn, neg_min), vcleq_f32(x, neg_min));
+        let sign = vandq_u32(negative, vdupq_n_u32(8));
         vorrq_u32(pattern, sign)
     }
 }
@@ -240,17 +246,19 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
                 acc = vbslq_f32(vcgtq_f32(m, acc), m, acc);
             }
         }
-        let a = vmaxvq_f32(acc);
+        let a = fastmath::ftz_absmax(vmaxvq_f32(acc));
         *am = a;
-        let inv = 1.0f32 / a;
         let bytes = &mut packed[s / 2..s / 2 + len.div_ceil(2)];
+        if fastmath::is_tiny_absmax(a) {
+            kernel::oracle_block(QuantType::of_nf4(NF4), SRC, block, bytes);
+            continue;
+        }
+        let inv = fastmath::rcp_approx_ftz(a);
         for v in 0..count {
             let p = vectors(v);
             // SAFETY: vector `v` (16 elements) lies inside `block` or `tail`.
             let c = unsafe {
-                [0, 1, 2, 3].map(|k| {
-                    encode4::<NF4>(vmulq_n_f32(load4::<SRC>(p.add(4 * k * elem_size)), inv))
-                })
+                [0, 1, 2, 3].map(|k| encode4::<NF4>(load4::<SRC>(p.add(4 * k * elem_size)), inv))
             };
             let mut eight = [0u8; 8];
             // SAFETY: `eight` holds 8 bytes.
@@ -283,7 +291,7 @@ fn bf16_rne4(x: uint32x4_t) -> uint32x4_t {
 #[inline]
 #[target_feature(enable = "neon")]
 fn scaled_table<const OUT: u8>(table: &[f32; 16], absmax: f32) -> uint8x16x4_t {
-    let t = table.map(|v| v * absmax);
+    let t = table.map(|v| fastmath::mul_ftz(v, absmax));
     let z = vdupq_n_u8(0);
     match OUT {
         OUT_F32 => {

@@ -12,10 +12,11 @@
 //! the 7 magnitude thresholds; the zero-padded last vector of a partial block goes through a stack
 //! buffer.
 
-use crate::kernel::{Dense, DenseMut, DequantJob, Kernel as KernelTrait};
+use crate::kernel::{self, Dense, DenseMut, DequantJob, Kernel as KernelTrait};
 use crate::{codebook, scalar, AbsmaxView, Element, QuantType};
 use core::arch::x86_64::*;
 use half::{bf16, f16};
+use qlora_double_quant::fastmath;
 
 const SRC_F32: u8 = 0;
 const SRC_F16: u8 = 1;
@@ -160,10 +161,13 @@ fn hmax8(v: __m256) -> f32 {
     _mm_cvtss_f32(m)
 }
 
-/// Codes of 8 normalized values (one per dword).
+/// Codes of 8 values `x · inv` (one per dword; `inv` the block's `rcp_approx_ftz(absmax)`, absmax
+/// not tiny). FP4's sign follows the CUDA build's flush-to-zero: set only when `x` and the product
+/// are both at most `−f32::MIN_POSITIVE`.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn encode8<const NF4: bool>(xn: __m256) -> __m256i {
+fn encode8<const NF4: bool>(x: __m256, inv: __m256) -> __m256i {
+    let xn = _mm256_mul_ps(x, inv);
     let mut count = _mm256_setzero_si256();
     if NF4 {
         for t in codebook::NF4_THRESHOLDS {
@@ -179,7 +183,11 @@ fn encode8<const NF4: bool>(xn: __m256) -> __m256i {
         }
         let patterns = _mm256_setr_epi32(0, 1, 6, 7, 4, 5, 2, 3);
         let pattern = _mm256_permutevar8x32_epi32(patterns, count);
-        let negative = _mm256_cmp_ps::<_CMP_LT_OQ>(xn, _mm256_setzero_ps());
+        let neg_min = _mm256_set1_ps(-f32::MIN_POSITIVE);
+        let negative = _mm256_and_ps(
+            _mm256_cmp_ps::<_CMP_LE_OQ>(xn, neg_min),
+            _mm256_cmp_ps::<_CMP_LE_OQ>(x, neg_min),
+        );
         let sign = _mm256_and_si256(_mm256_castps_si256(negative), _mm256_set1_epi32(8));
         _mm256_or_si256(pattern, sign)
     }
@@ -231,20 +239,24 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
             let xv = unsafe { load8::<SRC>(tail.as_ptr()) };
             acc = _mm256_max_ps(abs8(xv), acc);
         }
-        let a = hmax8(acc);
+        let a = fastmath::ftz_absmax(hmax8(acc));
         *am = a;
-        let inv = _mm256_set1_ps(1.0f32 / a);
         let bytes = &mut packed[s / 2..s / 2 + len.div_ceil(2)];
+        if fastmath::is_tiny_absmax(a) {
+            kernel::oracle_block(QuantType::of_nf4(NF4), SRC, block, bytes);
+            continue;
+        }
+        let inv = _mm256_set1_ps(fastmath::rcp_approx_ftz(a));
         for v in 0..full {
             // SAFETY: vector `v` lies inside `block`.
             let xv = unsafe { load8::<SRC>(block.as_ptr().add(v * 8 * elem_size)) };
-            let four = pack8(encode8::<NF4>(_mm256_mul_ps(xv, inv)));
+            let four = pack8(encode8::<NF4>(xv, inv));
             bytes[4 * v..4 * v + 4].copy_from_slice(&four);
         }
         if rem > 0 {
             // SAFETY: `tail` holds 32 bytes, ≥ 8 elements.
             let xv = unsafe { load8::<SRC>(tail.as_ptr()) };
-            let four = pack8(encode8::<NF4>(_mm256_mul_ps(xv, inv)));
+            let four = pack8(encode8::<NF4>(xv, inv));
             bytes[4 * full..].copy_from_slice(&four[..rem.div_ceil(2)]);
         }
     }
@@ -284,9 +296,26 @@ fn byte_planes(h0: __m128i, h1: __m128i) -> (__m256i, __m256i) {
 /// The block's table: two f32 halves (f32 out) or the two byte planes of the 16-bit values.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn scaled_tables<const OUT: u8>(lo: __m256, hi: __m256, absmax: f32) -> (__m256i, __m256i) {
-    let a = _mm256_set1_ps(absmax);
-    let (s0, s1) = (_mm256_mul_ps(lo, a), _mm256_mul_ps(hi, a));
+fn scaled_tables<const OUT: u8>(
+    table: &[f32; 16],
+    lo: __m256,
+    hi: __m256,
+    absmax: f32,
+) -> (__m256i, __m256i) {
+    let (s0, s1) = if fastmath::is_plain_scale(absmax) {
+        let a = _mm256_set1_ps(absmax);
+        (_mm256_mul_ps(lo, a), _mm256_mul_ps(hi, a))
+    } else {
+        // NaN, infinite or tiny scale: the CUDA build's products (ftz, CUDA's NaN).
+        let t = table.map(|v| fastmath::mul_ftz(v, absmax));
+        // SAFETY: `t` holds 16 f32.
+        unsafe {
+            (
+                _mm256_loadu_ps(t.as_ptr()),
+                _mm256_loadu_ps(t.as_ptr().add(8)),
+            )
+        }
+    };
     match OUT {
         OUT_F32 => (_mm256_castps_si256(s0), _mm256_castps_si256(s1)),
         OUT_F16 => {
@@ -334,7 +363,7 @@ unsafe fn dequantize_groups<const OUT: u8>(
         let j = j0 + 32 * g;
         let block = j >> shift;
         if block != current {
-            t = scaled_tables::<OUT>(tab_lo, tab_hi, absmax.get(block));
+            t = scaled_tables::<OUT>(table, tab_lo, tab_hi, absmax.get(block));
             current = block;
         }
         // SAFETY: the 16 bytes of elements j .. j+32 are inside `packed` (caller).

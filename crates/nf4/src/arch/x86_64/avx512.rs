@@ -21,10 +21,11 @@
 //! to restore element order — which also absorbs the lane order of the bf16 widening by
 //! `vpunpck{l,h}wd` against zero); partial groups use `vpmovqb`.
 
-use crate::kernel::{Dense, DenseMut, DequantJob, Kernel as KernelTrait};
+use crate::kernel::{self, Dense, DenseMut, DequantJob, Kernel as KernelTrait};
 use crate::{codebook, scalar, AbsmaxView, Element, QuantType};
 use core::arch::x86_64::*;
 use half::{bf16, f16};
+use qlora_double_quant::fastmath;
 
 const SRC_F32: u8 = 0;
 const SRC_F16: u8 = 1;
@@ -239,12 +240,21 @@ fn encode_nf4(xn: __m512, s: &Search) -> __m512i {
     s.finish(code, xn, &[(4, true), (2, false)])
 }
 
-/// FP4 codes: sign bit from `xn < 0`, magnitude pattern from the count of the 7 magnitude
-/// thresholds `|xn|` strictly exceeds (the tree of `dQuantizeFP4`).
+/// FP4 codes: sign bit from `ftz(ftz(x) · inv) < 0`, magnitude pattern from the count of the 7
+/// magnitude thresholds `|xn|` strictly exceeds (the tree of `dQuantizeFP4`).
+///
+/// The CUDA build flushes subnormal inputs and products to zero, so the sign is set only when both
+/// `x` and `xn` are at most `−f32::MIN_POSITIVE`. (The magnitude needs no flush: in blocks whose
+/// absmax is not tiny, a subnormal `x` or `xn` is far below the smallest threshold.)
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn encode_fp4(xn: __m512, s: &Search) -> __m512i {
-    let negative = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(xn, _mm512_setzero_ps());
+fn encode_fp4(x: __m512, xn: __m512, s: &Search) -> __m512i {
+    let neg_min = _mm512_set1_ps(-f32::MIN_POSITIVE);
+    let negative = _mm512_mask_cmp_ps_mask::<_CMP_LE_OQ>(
+        _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, neg_min),
+        xn,
+        neg_min,
+    );
     let m = _mm512_abs_ps(xn);
     let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, s.first);
     let level = _mm512_maskz_mov_epi32(above, _mm512_set1_epi32(4));
@@ -255,11 +265,13 @@ fn encode_fp4(xn: __m512, s: &Search) -> __m512i {
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn encode<const NF4: bool>(xn: __m512, s: &Search) -> __m512i {
+/// Codes of `x · inv` (`inv` the block's `rcp_approx_ftz(absmax)`, absmax not tiny).
+fn encode<const NF4: bool>(x: __m512, inv: __m512, s: &Search) -> __m512i {
+    let xn = _mm512_mul_ps(x, inv);
     if NF4 {
         encode_nf4(xn, s)
     } else {
-        encode_fp4(xn, s)
+        encode_fp4(x, xn, s)
     }
 }
 
@@ -417,19 +429,25 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
             let s = b * bs;
             let len = bs.min(n - s);
             // SAFETY: the caller's contract (features, lengths) holds for this block.
-            *am =
+            let raw =
                 unsafe { block_absmax::<SRC>(&x[s * elem_size..(s + len) * elem_size], elem_size) };
+            *am = fastmath::ftz_absmax(raw);
         }
         for (b, &a) in (g0..g1).zip(&absmax[g0..g1]) {
             let s = b * bs;
             let len = bs.min(n - s);
             let bytes = &mut packed[s / 2..s / 2 + len.div_ceil(2)];
+            let block = &x[s * elem_size..(s + len) * elem_size];
+            if fastmath::is_tiny_absmax(a) {
+                kernel::oracle_block(QuantType::of_nf4(NF4), SRC, block, bytes);
+                continue;
+            }
             // SAFETY: the caller's contract (features, lengths) holds for this block.
             unsafe {
                 encode_block::<SRC, NF4>(
-                    &x[s * elem_size..(s + len) * elem_size],
+                    block,
                     elem_size,
-                    1.0f32 / a,
+                    fastmath::rcp_approx_ftz(a),
                     bytes,
                     &search,
                     order,
@@ -526,6 +544,14 @@ unsafe fn groups16<const SRC: u8, const NF4: bool>(
     // SAFETY: `absmax` holds 16 f32.
     unsafe { _mm512_storeu_ps(absmax.as_mut_ptr(), values) };
     let nan = _mm512_cmpgt_epu32_mask(bits, _mm512_set1_epi32(infinity));
+    // Blocks whose absmax is tiny (below 2^-100 as f32; for f16 data only zero is): from the
+    // bit patterns, so that the common case needs no scalar pass over the 16 values.
+    let tiny_bits = match SRC {
+        SRC_F32 => fastmath::TINY_ABSMAX_BITS as i32,
+        SRC_BF16 => (fastmath::TINY_ABSMAX_BITS >> 16) as i32,
+        _ => 1,
+    };
+    let mut tiny = _mm512_cmplt_epu32_mask(bits, _mm512_set1_epi32(tiny_bits)) != 0;
     if nan != 0 {
         for (b, am) in absmax.iter_mut().enumerate() {
             if nan & (1 << b) != 0 {
@@ -533,15 +559,18 @@ unsafe fn groups16<const SRC: u8, const NF4: bool>(
                 *am = unsafe {
                     block_absmax::<SRC>(&x[b * block_bytes..(b + 1) * block_bytes], elem_size)
                 };
+                tiny |= fastmath::is_tiny_absmax(*am);
             }
         }
     }
-    let mut inv = [0f32; 16];
-    // SAFETY: `absmax` and `inv` hold 16 f32.
-    unsafe {
-        let a = _mm512_loadu_ps(absmax.as_ptr());
-        _mm512_storeu_ps(inv.as_mut_ptr(), _mm512_div_ps(_mm512_set1_ps(1.0), a));
+    // A block whose absmax is tiny (all zero, or small enough that subnormal inputs count) sends
+    // the group to the oracle: rare, and it keeps the flush of inputs out of the loop below.
+    if tiny {
+        kernel::oracle_blocks(QuantType::of_nf4(NF4), SRC, x, bs, packed, absmax);
+        return;
     }
+    // One table lookup per block: the GPU's reciprocal.
+    let inv: [f32; 16] = core::array::from_fn(|b| fastmath::rcp_approx_ftz(absmax[b]));
     let shift = (bs / 64).trailing_zeros();
     for c in 0..16 * bs / 64 {
         let inv = _mm512_set1_ps(inv[c >> shift]);
@@ -549,7 +578,7 @@ unsafe fn groups16<const SRC: u8, const NF4: bool>(
         // `packed`.
         unsafe {
             let v = load64::<SRC>(x.as_ptr().add(64 * c * elem_size));
-            let codes = v.map(|v| encode::<NF4>(_mm512_mul_ps(v, inv), search));
+            let codes = v.map(|v| encode::<NF4>(v, inv, search));
             _mm256_storeu_si256(packed.as_mut_ptr().add(32 * c).cast(), pack64(codes, order));
         }
     }
@@ -635,7 +664,7 @@ unsafe fn encode_block<const SRC: u8, const NF4: bool>(
     while v + 4 <= full {
         // SAFETY: vectors `v .. v+4` lie inside `block`.
         let x = unsafe { load64::<SRC>(block.as_ptr().add(v * 16 * elem_size)) };
-        let c = x.map(|x| encode::<NF4>(_mm512_mul_ps(x, inv), search));
+        let c = x.map(|x| encode::<NF4>(x, inv, search));
         // SAFETY: bytes 8v .. 8v+32 lie inside `bytes` (16(v+4) ≤ len).
         unsafe { _mm256_storeu_si256(bytes.as_mut_ptr().add(8 * v).cast(), pack64(c, order)) };
         v += 4;
@@ -649,8 +678,8 @@ unsafe fn encode_block<const SRC: u8, const NF4: bool>(
                 load16::<SRC>(block.as_ptr().add((v + 1) * 16 * elem_size)),
             )
         };
-        let p0 = pack16(encode::<NF4>(_mm512_mul_ps(x0, inv), search));
-        let p1 = pack16(encode::<NF4>(_mm512_mul_ps(x1, inv), search));
+        let p0 = pack16(encode::<NF4>(x0, inv, search));
+        let p1 = pack16(encode::<NF4>(x1, inv, search));
         // SAFETY: bytes 8v .. 8v+16 lie inside `bytes` (16(v+2) ≤ len).
         unsafe {
             _mm_storeu_si128(
@@ -663,7 +692,7 @@ unsafe fn encode_block<const SRC: u8, const NF4: bool>(
     if v < full {
         // SAFETY: vector `v` lies inside `block`.
         let xv = unsafe { load16::<SRC>(block.as_ptr().add(v * 16 * elem_size)) };
-        let packed8 = pack16(encode::<NF4>(_mm512_mul_ps(xv, inv), search));
+        let packed8 = pack16(encode::<NF4>(xv, inv, search));
         // SAFETY: bytes 8v .. 8v+8 lie inside `bytes` (16(v+1) ≤ len).
         unsafe { _mm_storel_epi64(bytes.as_mut_ptr().add(8 * v).cast(), packed8) };
     }
@@ -672,7 +701,7 @@ unsafe fn encode_block<const SRC: u8, const NF4: bool>(
         tail[..rem * elem_size].copy_from_slice(&block[full * 16 * elem_size..]);
         // SAFETY: `tail` holds 64 bytes, ≥ 16 elements.
         let xv = unsafe { load16::<SRC>(tail.as_ptr()) };
-        let packed8 = pack16(encode::<NF4>(_mm512_mul_ps(xv, inv), search));
+        let packed8 = pack16(encode::<NF4>(xv, inv, search));
         let mut out = [0u8; 16];
         // SAFETY: `out` holds 16 bytes.
         unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), packed8) };
@@ -700,8 +729,15 @@ pub(crate) fn bf16_rne(x: __m512i) -> __m512i {
 /// The block's table in output form: 16 f32, or 16 u16 duplicated into both 256-bit halves.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn scaled_table<const OUT: u8>(table: __m512, absmax: f32) -> __m512i {
-    let scaled = _mm512_mul_ps(table, _mm512_set1_ps(absmax));
+fn scaled_table<const OUT: u8>(values: &[f32; 16], table: __m512, absmax: f32) -> __m512i {
+    let scaled = if fastmath::is_plain_scale(absmax) {
+        _mm512_mul_ps(table, _mm512_set1_ps(absmax))
+    } else {
+        // NaN, infinite or tiny scale: the CUDA build's products (ftz, CUDA's NaN).
+        let t = values.map(|v| fastmath::mul_ftz(v, absmax));
+        // SAFETY: `t` holds 16 f32.
+        unsafe { _mm512_loadu_ps(t.as_ptr()) }
+    };
     let half = match OUT {
         OUT_F32 => return _mm512_castps_si512(scaled),
         OUT_F16 => _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(scaled),
@@ -788,7 +824,7 @@ unsafe fn dequantize_vectors<const OUT: u8, const ODD: bool>(
     let tab = unsafe { _mm512_loadu_ps(table.as_ptr()) };
     let mut block = j0 / bs;
     let mut boundary = (block + 1) * bs;
-    let mut t = scaled_table::<OUT>(tab, absmax.get(block));
+    let mut t = scaled_table::<OUT>(table, tab, absmax.get(block));
     let mut j = j0;
     for k in 0..nvec {
         // SAFETY: elements j .. j+lanes are inside the codes (caller), so are their bytes.
@@ -800,11 +836,11 @@ unsafe fn dequantize_vectors<const OUT: u8, const ODD: bool>(
             block += 1;
             boundary += bs;
             if k + 1 < nvec {
-                t = scaled_table::<OUT>(tab, absmax.get(block));
+                t = scaled_table::<OUT>(table, tab, absmax.get(block));
             }
             r
         } else {
-            let next = scaled_table::<OUT>(tab, absmax.get(block + 1));
+            let next = scaled_table::<OUT>(table, tab, absmax.get(block + 1));
             let r = blend_from::<OUT>(
                 boundary - j,
                 lookup::<OUT>(idx, t),

@@ -112,7 +112,23 @@ struct Table {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn scaled_table<const DT: u8>(lo: __m256, hi: __m256, a: f32) -> Table {
+fn scaled_table<const DT: u8>(values: &[f32; 16], lo: __m256, hi: __m256, a: f32) -> Table {
+    if !qlora_double_quant::fastmath::is_plain_scale(a) {
+        // NaN, infinite or tiny scale: the products dequantization computes (ftz, CUDA's NaN).
+        let t = values.map(|v| qlora_double_quant::fastmath::mul_ftz(v, a));
+        let one = _mm256_set1_ps(1.0);
+        // SAFETY: `t` holds 16 f32.
+        let (lo, hi) = unsafe {
+            (
+                _mm256_loadu_ps(t.as_ptr()),
+                _mm256_loadu_ps(t.as_ptr().add(8)),
+            )
+        };
+        return Table {
+            lo: scaled_half::<DT>(lo, one),
+            hi: scaled_half::<DT>(hi, one),
+        };
+    }
     let a = _mm256_set1_ps(a);
     Table {
         lo: scaled_half::<DT>(lo, a),
@@ -193,7 +209,7 @@ unsafe fn rows_n<const N: usize, const DT: u8>(
             if g >= boundary {
                 block = block.wrapping_add(1);
                 boundary += bs;
-                t = scaled_table::<DT>(tab_lo, tab_hi, m.absmax.get(block));
+                t = scaled_table::<DT>(table, tab_lo, tab_hi, m.absmax.get(block));
             }
             // SAFETY: chunk `c` (elements g .. g+32, bytes g/2 .. g/2+16) lies inside the row.
             let (v0, v1) = unsafe {
@@ -207,7 +223,7 @@ unsafe fn rows_n<const N: usize, const DT: u8>(
                 [lookup(e0, t), lookup(v0, t), lookup(e1, t), lookup(v1, t)]
             } else {
                 let d1 = _mm256_set1_epi32((boundary - g) as i32 - 1);
-                let next = scaled_table::<DT>(tab_lo, tab_hi, m.absmax.get(block + 1));
+                let next = scaled_table::<DT>(table, tab_lo, tab_hi, m.absmax.get(block + 1));
                 let w = [
                     lookup2(e0, t, next, lanes_e0, d1),
                     lookup2(v0, t, next, lanes_o0, d1),

@@ -99,8 +99,15 @@ impl Kernel {
 /// The 16 weights of a block with absmax `a`: `round_dtype(table · a)` as f32.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn scaled_table<const DT: u8>(table: __m512, a: f32) -> __m512 {
-    let s = _mm512_mul_ps(table, _mm512_set1_ps(a));
+fn scaled_table<const DT: u8>(values: &[f32; 16], table: __m512, a: f32) -> __m512 {
+    let s = if qlora_double_quant::fastmath::is_plain_scale(a) {
+        _mm512_mul_ps(table, _mm512_set1_ps(a))
+    } else {
+        // NaN, infinite or tiny scale: the products dequantization computes (ftz, CUDA's NaN).
+        let t = values.map(|v| qlora_double_quant::fastmath::mul_ftz(v, a));
+        // SAFETY: `t` holds 16 f32.
+        unsafe { _mm512_loadu_ps(t.as_ptr()) }
+    };
     match DT {
         DT_F32 => s,
         DT_F16 => _mm512_cvtph_ps(_mm512_cvtps_ph::<
@@ -154,7 +161,7 @@ unsafe fn rows_n<const N: usize, const DT: u8>(
             if g >= boundary {
                 block = block.wrapping_add(1);
                 boundary += bs;
-                t = scaled_table::<DT>(tab, m.absmax.get(block));
+                t = scaled_table::<DT>(table, tab, m.absmax.get(block));
             }
             // SAFETY: chunk `c` (elements g .. g+32, bytes g/2 .. g/2+16) lies inside the row.
             let v = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(p.add(16 * c).cast()) });
@@ -164,7 +171,7 @@ unsafe fn rows_n<const N: usize, const DT: u8>(
             } else {
                 // Elements from `d` on belong to the next block.
                 let d = _mm512_set1_epi32((boundary - g) as i32);
-                let next = scaled_table::<DT>(tab, m.absmax.get(block + 1));
+                let next = scaled_table::<DT>(table, tab, m.absmax.get(block + 1));
                 let me = _mm512_cmpge_epi32_mask(lanes_even, d);
                 let mo = _mm512_cmpge_epi32_mask(lanes_odd, d);
                 let we = _mm512_mask_blend_ps(
