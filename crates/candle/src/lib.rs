@@ -9,3 +9,11 @@
 //! framework-free layers (`qlora-codec`, `qlora-lora`, `qlora-optim`); use those directly from
 //! another framework.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+pub mod error;
+pub mod linear4bit;
+
+pub use error::{Error, Result};
+pub use linear4bit::Linear4bit;
+pub mod lora;
+pub use lora::{save_peft_adapter, LoraBase, LoraInit, LoraLinear, Mode};
