@@ -17,3 +17,5 @@ pub use error::{Error, Result};
 pub use linear4bit::Linear4bit;
 pub mod lora;
 pub use lora::{save_peft_adapter, LoraBase, LoraInit, LoraLinear, Mode};
+pub mod optim;
+pub use optim::{AdamVars, AdamW32bit, AdamW8bit, PagedAdamW32bit, PagedAdamW8bit};
