@@ -3,7 +3,7 @@
 //! adapter folders.
 
 use crate::error::{check_device, check_float, Error, Result};
-use crate::linear4bit::{prepare_bias, Linear4bit};
+use crate::linear4bit::Linear4bit;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use qlora_codec::{Absmax, QuantizeOptions, QuantizedTensor};
 use qlora_lora::init::{self, LoftqOptions};
@@ -281,11 +281,13 @@ impl LoraLinear {
         let (out_f, in_f) = base.dims()?;
         let device = base.device();
         if let Some(b) = base.bias() {
-            prepare_bias(b, out_f).or_else(|e| match e {
-                // A dense base's bias may live on its (non-CPU) device.
-                Error::Device { .. } => Ok(b.clone()),
-                e => Err(e),
-            })?;
+            if b.dims() != [out_f] {
+                return Err(Error::Shape {
+                    what: "base bias".into(),
+                    expected: vec![out_f],
+                    found: b.dims().to_vec(),
+                });
+            }
         }
         let r = params.r;
         let check = |what: &str, shape: &[usize], v: &[f32]| -> Result<()> {
