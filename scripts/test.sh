@@ -5,4 +5,5 @@
 # (QLORA_REQUIRE_GPU=1 makes them fail instead).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo test --workspace --all-features "$@"
+# Every feature but candle's CUDA backend (which needs nvcc to build): see scripts/features.sh.
+cargo test --workspace --features "$(bash scripts/features.sh)" "$@"

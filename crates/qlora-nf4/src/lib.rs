@@ -17,6 +17,7 @@
 //! | [`paged_alloc`] | `qlora-paged-alloc` | a pool over CUDA unified memory (or host memory) for paged optimizer states |
 //! | [`optim`] | `qlora-optim` | AdamW with 8-bit blockwise and f32 states, exact to bitsandbytes' kernels, paged variants |
 //! | `cuda` | `qlora-cuda` | CUDA kernels compiled at run time with NVRTC (feature `cuda`) |
+//! | `candle` | `qlora-candle` | QLoRA layers and optimizers for candle (feature `candle`) |
 //!
 //! Dependencies point downward only: `double_quant` ← `codec` ← `checkpoint`, `lora`;
 //! `double_quant` + `paged_alloc` ← `optim`. `docs/architecture.md` in the repository draws the
@@ -120,6 +121,7 @@
 //! | `paged-alloc` | yes | [`paged_alloc`] |
 //! | `optim` | yes | [`optim`] (implies `paged-alloc`, `double-quant`) |
 //! | `cuda` | no | `cuda` (`qlora-cuda` with its run-time NVRTC side) and the CUDA unified-memory backend of `paged_alloc` / paged `optim` |
+//! | `candle` | no | `candle` (`qlora-candle`): 4-bit and LoRA layers as candle `Module`s, 8-bit (paged) AdamW as candle `Optimizer`s (implies `lora`, `optim`, `checkpoint`) |
 //! | `testing` | no | proptest strategies and reference oracles of the layers (`testing` modules) |
 //!
 //! Building never needs a CUDA toolkit: with `cuda`, the driver and NVRTC are loaded at run time
@@ -142,6 +144,9 @@
 #[cfg(feature = "atomic-write")]
 #[doc(inline)]
 pub use qlora_atomic_write as atomic_write;
+#[cfg(feature = "candle")]
+#[doc(inline)]
+pub use qlora_candle as candle;
 #[cfg(feature = "checkpoint")]
 #[doc(inline)]
 pub use qlora_checkpoint as checkpoint;
