@@ -13,6 +13,7 @@ features=(
     qlora-optim/cuda
     qlora-cuda/cuda
     qlora-cuda/regenerate-bindings
+    qlora-nf4/atomic-write
     qlora-nf4/codec
     qlora-nf4/double-quant
     qlora-nf4/checkpoint
