@@ -8,4 +8,24 @@
 //! that speak candle's idioms (`Module`, `Var`, `Optimizer`). The math underneath lives in the
 //! framework-free layers (`qlora-codec`, `qlora-lora`, `qlora-optim`); use those directly from
 //! another framework.
+//!
+//! # Modules
+//!
+//! * [`llama`]: a Llama-family causal LM (Llama, Mistral, Qwen2) from and to Hugging Face model
+//!   folders, whose linear layers are built by a caller's factory (dense, or QLoRA layers), with
+//!   transformers' causal-LM loss. f32 logits match transformers to 1e-5 relative.
+//! * [`data`]: byte-level BPE tokenizers (`tokenizer.json`), datasets from `.txt` / `.jsonl`,
+//!   seeded shuffled batches.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+pub mod data;
+pub mod error;
+pub mod linear4bit;
+pub mod llama;
+pub mod lora;
+pub mod optim;
+
+pub use error::{Error, Result};
+pub use linear4bit::Linear4bit;
+pub use lora::{save_peft_adapter, LoraBase, LoraInit, LoraLinear, Mode};
+pub use optim::{AdamVars, AdamW32bit, AdamW8bit, PagedAdamW32bit, PagedAdamW8bit};

@@ -252,6 +252,23 @@ impl BaseWeight {
         Ok(())
     }
 
+    /// `Y[n, out] = X[n, in] · Wᵀ` for a caller (a framework's custom op): the same tiled
+    /// product (fused matrix–vector kernel for `n ≤ GEMV_MAX_TOKENS`) the layer's forward runs,
+    /// after checking the lengths of `x` and `y`. The weight is never dequantized whole.
+    pub fn matmul_x_wt(&self, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        check_len("input x", &[n, self.in_features()], x.len())?;
+        check_len("output y", &[n, self.out_features()], y.len())?;
+        self.x_wt(x, n, y, false)
+    }
+
+    /// `dX[n, in] = G[n, out] · W` for a caller (the input gradient of `X·Wᵀ`), tile by tile,
+    /// after checking the lengths of `g` and `dx`.
+    pub fn matmul_g_w(&self, g: &[f32], n: usize, dx: &mut [f32]) -> Result<()> {
+        check_len("grad_y", &[n, self.out_features()], g.len())?;
+        check_len("grad_x", &[n, self.in_features()], dx.len())?;
+        self.g_w(g, n, dx, false)
+    }
+
     /// `Y[n, out] (+)= X[n, in] · Wᵀ`, tile by tile. For `n ≤ GEMV_MAX_TOKENS` and an `[out, in]`
     /// layout this is a fused matrix-vector product that decodes 4-bit codes straight into the
     /// dot product.
@@ -545,5 +562,25 @@ mod tests {
                 "{x:e}"
             );
         }
+    }
+
+    #[test]
+    fn public_products_check_lengths_and_equal_the_dense_product() {
+        let w: Vec<f32> = (0..6).map(|i| i as f32).collect(); // [[0,1,2],[3,4,5]]
+        let base = BaseWeight::dense(DenseData::F32(w), 2, 3).unwrap();
+        let mut y = vec![0.0; 2];
+        base.matmul_x_wt(&[1.0, 1.0, 1.0], 1, &mut y).unwrap();
+        assert_eq!(y, [3.0, 12.0]);
+        let mut dx = vec![0.0; 3];
+        base.matmul_g_w(&[1.0, 2.0], 1, &mut dx).unwrap();
+        assert_eq!(dx, [6.0, 9.0, 12.0]);
+        assert!(matches!(
+            base.matmul_x_wt(&[1.0; 4], 1, &mut y),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(
+            base.matmul_g_w(&[1.0; 2], 1, &mut [0.0; 2]),
+            Err(Error::Shape { .. })
+        ));
     }
 }

@@ -1,0 +1,302 @@
+//! bitsandbytes' AdamW with 8-bit blockwise or f32 states, paged or not, as
+//! [`candle_nn::Optimizer`]s over candle [`Var`]s: [`AdamW8bit`], [`AdamW32bit`],
+//! [`PagedAdamW8bit`], [`PagedAdamW32bit`].
+//!
+//! Each step hands every variable that has a gradient to `qlora-optim`'s [`Adam`] through a
+//! candle in-place op: the parameter is updated where candle stores it, no copy. The states,
+//! their codes and the trajectories are exactly `qlora-optim`'s (same kernels, same order).
+
+use crate::error::{Error, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Var};
+use candle_nn::ParamsAdamW;
+use qlora_optim::{
+    Adam, AdamConfig, HostStorage, PagedStorage, ParamId, ParamUpdate, StateStorage, TensorMut,
+    TensorRef,
+};
+use qlora_paged_alloc::{Pool, PoolConfig};
+use std::cell::RefCell;
+use std::path::Path;
+
+/// The variables and the `qlora-optim` optimizer behind every candle optimizer of this module.
+#[derive(Debug)]
+pub struct AdamVars<S: StateStorage> {
+    opt: Adam<S>,
+    vars: Vec<(Var, ParamId)>,
+}
+
+impl<S: StateStorage> AdamVars<S> {
+    fn new(vars: Vec<Var>, config: AdamConfig, storage: S) -> Result<Self> {
+        let mut opt = Adam::with_storage(config, storage)?;
+        let mut out = Vec::with_capacity(vars.len());
+        for (i, var) in vars.into_iter().enumerate() {
+            match var.dtype() {
+                DType::F32 | DType::BF16 | DType::F16 => {}
+                other => {
+                    return Err(Error::Optimizer(format!(
+                        "variable {i} has dtype {other:?}; AdamW updates f32, bf16 and f16 only"
+                    )))
+                }
+            }
+            if !var.device().is_cpu() {
+                return Err(Error::Optimizer(format!(
+                    "variable {i} is on {:?}; this build updates CPU variables only",
+                    var.device().location()
+                )));
+            }
+            let id = opt.add_param(0, var.elem_count())?;
+            out.push((var, id));
+        }
+        Ok(AdamVars { opt, vars: out })
+    }
+
+    /// One step over every variable with a gradient in `grads` (others keep their state and
+    /// step count, as in bitsandbytes).
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        for (i, (var, id)) in self.vars.iter().enumerate() {
+            let Some(grad) = grads.get(var) else {
+                continue;
+            };
+            if grad.dims() != var.dims() {
+                return Err(Error::Shape {
+                    what: format!("gradient of variable {i}"),
+                    expected: var.dims().to_vec(),
+                    found: grad.dims().to_vec(),
+                });
+            }
+            let grad = grad.contiguous()?;
+            let op = StepOp {
+                opt: RefCell::new(&mut self.opt),
+                id: *id,
+            };
+            var.as_tensor().inplace_op2(&grad, &op)?;
+        }
+        Ok(())
+    }
+
+    /// The `qlora-optim` optimizer (states, codes, step counts).
+    pub fn inner(&self) -> &Adam<S> {
+        &self.opt
+    }
+
+    /// The variables, in the order given (the order of the state file's indices).
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.vars.iter().map(|(v, _)| v)
+    }
+
+    /// The learning rate of the (single) parameter group.
+    pub fn learning_rate(&self) -> f64 {
+        self.opt.group(0).map(|g| g.lr).unwrap_or(f64::NAN)
+    }
+
+    /// Set the learning rate.
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        // Group 0 always exists; a non-finite lr is refused by qlora-optim and left unchanged.
+        let _ = self.opt.set_lr(0, lr);
+    }
+
+    /// Save the states as safetensors under bitsandbytes' names (`{i}.state1`, `{i}.absmax1`,
+    /// …, `i` the variable's position), written atomically.
+    pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
+        Ok(self.opt.save_state(path)?)
+    }
+
+    /// The state file's bytes.
+    pub fn state_to_bytes(&self) -> Result<Vec<u8>> {
+        Ok(self.opt.state_to_bytes()?)
+    }
+
+    /// Load states saved by [`save_state`](Self::save_state) for the same variables (shapes,
+    /// kinds and names checked; a corrupt file is an error, never a panic).
+    pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        Ok(self.opt.load_state(path)?)
+    }
+
+    /// Load states from bytes.
+    pub fn load_state_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        Ok(self.opt.load_state_bytes(bytes)?)
+    }
+}
+
+/// bitsandbytes' config from candle's AdamW parameters.
+fn config(base: AdamConfig, p: &ParamsAdamW) -> AdamConfig {
+    base.lr(p.lr)
+        .betas(p.beta1, p.beta2)
+        .eps(p.eps)
+        .weight_decay(p.weight_decay)
+}
+
+/// The in-place update of one variable by its gradient.
+struct StepOp<'a, S: StateStorage> {
+    opt: RefCell<&'a mut Adam<S>>,
+    id: ParamId,
+}
+
+impl<S: StateStorage> InplaceOp2 for StepOp<'_, S> {
+    fn name(&self) -> &'static str {
+        "qlora-adamw-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let contiguous = |l: &Layout, what: &str| {
+            l.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::from(Error::Optimizer(format!("{what} is not contiguous")))
+            })
+        };
+        let (p0, p1) = contiguous(l1, "parameter")?;
+        let (g0, g1) = contiguous(l2, "gradient")?;
+        let param = match s1 {
+            CpuStorage::F32(v) => TensorMut::F32(&mut v[p0..p1]),
+            CpuStorage::BF16(v) => TensorMut::Bf16(&mut v[p0..p1]),
+            CpuStorage::F16(v) => TensorMut::F16(&mut v[p0..p1]),
+            _ => {
+                return Err(
+                    Error::Optimizer("parameter dtype is not f32, bf16 or f16".into()).into(),
+                )
+            }
+        };
+        let grad = match s2 {
+            CpuStorage::F32(v) => TensorRef::F32(&v[g0..g1]),
+            CpuStorage::BF16(v) => TensorRef::Bf16(&v[g0..g1]),
+            CpuStorage::F16(v) => TensorRef::F16(&v[g0..g1]),
+            _ => {
+                return Err(
+                    Error::Optimizer("gradient dtype is not f32, bf16 or f16".into()).into(),
+                )
+            }
+        };
+        self.opt
+            .borrow_mut()
+            .step(&mut [ParamUpdate {
+                id: self.id,
+                param,
+                grad,
+            }])
+            .map_err(|e| Error::from(e).into())
+    }
+}
+
+macro_rules! adam_optimizer {
+    ($(#[$doc:meta])* $name:ident, $storage:ty, $base:expr, $make_storage:expr) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $name(AdamVars<$storage>);
+
+        impl $name {
+            /// The variables and states.
+            pub fn state(&self) -> &AdamVars<$storage> {
+                &self.0
+            }
+
+            /// The variables and states, mutably (save/load).
+            pub fn state_mut(&mut self) -> &mut AdamVars<$storage> {
+                &mut self.0
+            }
+        }
+
+        impl candle_nn::Optimizer for $name {
+            type Config = ParamsAdamW;
+
+            fn new(vars: Vec<Var>, params: ParamsAdamW) -> candle_core::Result<Self> {
+                let make: fn() -> Result<$storage> = $make_storage;
+                Ok($name(AdamVars::new(vars, config($base, &params), make()?)?))
+            }
+
+            fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+                Ok(self.0.step(grads)?)
+            }
+
+            fn learning_rate(&self) -> f64 {
+                self.0.learning_rate()
+            }
+
+            fn set_learning_rate(&mut self, lr: f64) {
+                self.0.set_learning_rate(lr)
+            }
+        }
+    };
+}
+
+/// Bytes a paged optimizer's host pool may hold (states are allocated on first use; the budget
+/// only caps them).
+pub const PAGED_POOL_BUDGET: usize = 1 << 40;
+
+fn host_storage() -> Result<HostStorage> {
+    Ok(HostStorage)
+}
+
+fn paged_storage() -> Result<PagedStorage> {
+    Ok(PagedStorage::new(Pool::new(PoolConfig::host(
+        PAGED_POOL_BUDGET,
+    ))?))
+}
+
+adam_optimizer!(
+    /// `bnb.optim.AdamW8bit`: 8-bit blockwise states (2 bytes + 8/256 per parameter) for
+    /// variables of at least 4096 elements, f32 states for smaller ones.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor, Var};
+    /// use candle_nn::{Optimizer, ParamsAdamW};
+    /// use qlora_candle::AdamW8bit;
+    ///
+    /// # fn main() -> candle_core::Result<()> {
+    /// let w = Var::from_tensor(&Tensor::ones((64, 128), candle_core::DType::F32, &Device::Cpu)?)?;
+    /// let mut opt = AdamW8bit::new(vec![w.clone()], ParamsAdamW { lr: 1e-2, ..Default::default() })?;
+    /// for _ in 0..3 {
+    ///     let loss = w.as_tensor().sqr()?.sum_all()?;
+    ///     opt.backward_step(&loss)?;
+    /// }
+    /// assert!(w.as_tensor().mean_all()?.to_scalar::<f32>()? < 1.0);
+    /// assert_eq!(opt.state().inner().state_bytes(), 2 * 8192 + 8 * 8192 / 256);
+    /// # Ok(())
+    /// # }
+    /// ```
+    AdamW8bit,
+    HostStorage,
+    AdamConfig::adamw8bit(),
+    host_storage
+);
+
+adam_optimizer!(
+    /// `bnb.optim.AdamW32bit`: f32 states (8 bytes per parameter).
+    AdamW32bit,
+    HostStorage,
+    AdamConfig::adamw32bit(),
+    host_storage
+);
+
+adam_optimizer!(
+    /// `bnb.optim.PagedAdamW8bit`: [`AdamW8bit`] whose states of variables with at least 10⁵
+    /// elements live in a `qlora-paged-alloc` pool (host memory in this build; see
+    /// [`PAGED_POOL_BUDGET`]).
+    PagedAdamW8bit,
+    PagedStorage,
+    AdamConfig::adamw8bit(),
+    paged_storage
+);
+
+adam_optimizer!(
+    /// `bnb.optim.PagedAdamW32bit`: [`AdamW32bit`] with paged states.
+    PagedAdamW32bit,
+    PagedStorage,
+    AdamConfig::adamw32bit(),
+    paged_storage
+);
+
+impl PagedAdamW8bit {
+    /// A paged 8-bit AdamW whose states live in `pool` (its budget caps them).
+    pub fn with_pool(vars: Vec<Var>, params: ParamsAdamW, pool: Pool) -> Result<Self> {
+        Ok(PagedAdamW8bit(AdamVars::new(
+            vars,
+            config(AdamConfig::adamw8bit(), &params),
+            PagedStorage::new(pool),
+        )?))
+    }
+}
