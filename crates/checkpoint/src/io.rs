@@ -3,6 +3,7 @@
 
 use crate::quant_state::QuantState;
 use crate::{Error, Result, FP4_STATE_SUFFIX, NF4_STATE_SUFFIX};
+use qlora_atomic_write::TempOutput;
 use qlora_codec::{
     num_blocks, packed_len, Absmax, DoubleQuantAbsmax, Element, QuantType, QuantizedTensor,
 };
@@ -640,60 +641,68 @@ pub fn write_safetensors<V: View>(tensors: Vec<(String, V)>) -> Result<Vec<u8>> 
     })
 }
 
-/// Write tensors to `path` atomically: into a temporary file in the same directory, renamed over
-/// `path` only when complete. On error nothing is left behind.
+/// Largest safetensors header the format's readers accept.
+const MAX_HEADER_SIZE: usize = 100_000_000;
+
+/// Write tensors to `path` atomically: streamed into a temporary file in the same directory
+/// (`qlora_atomic_write::TempOutput`, so a signal or a later run removes it), renamed over `path`
+/// only when complete. The bytes are those of `safetensors::serialize` (tensors by descending
+/// dtype alignment, then name). On error (a full disk, a file-size limit, …) nothing is left
+/// behind and an existing `path` is untouched.
 pub fn write_safetensors_atomic<V: View>(
     path: &Path,
-    tensors: Vec<(String, V)>,
+    mut tensors: Vec<(String, V)>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
+    use std::io::Write;
     check_unique(&tensors)?;
-    let tmp = temp_path_for(path);
-    let guard = RemoveOnDrop(Some(tmp.clone()));
-    safetensors::serialize_to_file(tensors, metadata, &tmp).map_err(|e| match e {
-        safetensors::SafeTensorError::IoError(source) => Error::Io {
-            path: path.to_path_buf(),
-            source,
-        },
-        other => Error::Safetensors {
-            file: path.display().to_string(),
-            reason: other.to_string(),
-        },
-    })?;
-    // serialize_to_file creates the file private to the user; give it ordinary permissions.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
+    let st_err = |reason: String| Error::Safetensors {
+        file: path.display().to_string(),
+        reason,
+    };
+    // safetensors' own layout rule (its `prepare`): descending alignment, then name.
+    tensors.sort_by(|(ln, l), (rn, r)| r.dtype().cmp(&l.dtype()).then(ln.cmp(rn)));
+    let mut offset = 0;
+    let infos = tensors
+        .iter()
+        .map(|(name, t)| {
+            let n = t.data_len();
+            let info = safetensors::tensor::TensorInfo {
+                dtype: t.dtype(),
+                shape: t.shape().to_vec(),
+                data_offsets: (offset, offset + n),
+            };
+            offset += n;
+            (name.clone(), info)
+        })
+        .collect();
+    let meta =
+        safetensors::tensor::Metadata::new(metadata, infos).map_err(|e| st_err(e.to_string()))?;
+    let mut header = serde_json::to_string(&meta)
+        .map_err(|e| st_err(e.to_string()))?
+        .into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    if header.len() > MAX_HEADER_SIZE {
+        return Err(st_err(format!(
+            "header of {} bytes exceeds the format's limit of {MAX_HEADER_SIZE}",
+            header.len()
+        )));
     }
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+    let (tmp, file) = TempOutput::file(path)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    (|| {
+        out.write_all(&(header.len() as u64).to_le_bytes())?;
+        out.write_all(&header)?;
+        for (_, t) in &tensors {
+            out.write_all(&t.data())?;
+        }
+        out.flush()
+    })()
+    .map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    std::mem::forget(guard);
+    drop(out);
+    tmp.commit()?;
     Ok(())
-}
-
-/// A hidden temporary name next to `path`.
-pub(crate) fn temp_path_for(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "output".into());
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
-
-/// Removes a path when dropped (unless forgotten): keeps failed writes from leaving files.
-pub(crate) struct RemoveOnDrop(pub(crate) Option<PathBuf>);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            if p.is_dir() {
-                let _ = std::fs::remove_dir_all(&p);
-            } else {
-                let _ = std::fs::remove_file(&p);
-            }
-        }
-    }
 }

@@ -77,8 +77,10 @@
 //! RSS; `crates/cli/tests/cli.rs`). Output shards follow transformers' `max_shard_size` rule
 //! (default 50 GB as in transformers 5, so most models give one `model.safetensors`); see
 //! [`convert_model`]. Output is written to a hidden temporary name next to the destination
-//! and renamed at the end: a failed run leaves nothing (a killed one leaves only the hidden
-//! `.NAME.tmp-PID`).
+//! (`.NAME.tmp-PID`, through [`atomic::TempOutput`]) and renamed at the end: a failed run leaves
+//! nothing and an existing output untouched; a program that calls
+//! [`atomic::install_signal_cleanup`] also leaves nothing when stopped by SIGINT/SIGTERM/SIGHUP;
+//! the temporary of a run killed outright is removed by the next write of the same output.
 #![deny(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -100,6 +102,10 @@ pub use io::{
     quantized_tensors, read_checkpoint_bytes, write_safetensors, write_safetensors_atomic,
     Checkpoint, Entry, MappedFile, OwnedTensor, TensorData,
 };
+/// Atomic outputs (re-exported `qlora-atomic-write`): the temporary-file and folder guard every
+/// writer of this crate uses, the signal clean-up a program installs with one call, and the
+/// removal of leftovers of killed runs.
+pub use qlora_atomic_write as atomic;
 pub use quant_state::{python_float_repr, QuantState, QuantStateError, MAX_NUMEL};
 pub use select::{default_rule, Selection};
 pub use transform::{dequantize_file, quantize_file, Action, QuantizeFileOptions, TensorReport};
@@ -209,6 +215,15 @@ pub enum Error {
     /// A bad option (e.g. an invalid regular expression or block size).
     #[error("invalid option: {0}")]
     Option(String),
+}
+
+impl From<qlora_atomic_write::Error> for Error {
+    fn from(e: qlora_atomic_write::Error) -> Self {
+        Error::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 /// Shorthand for results of this crate.

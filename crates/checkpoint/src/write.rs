@@ -23,12 +23,13 @@ use crate::folder::{
     dense_bytes_as, json_err, Layout, ModelFolder, CONFIG_FILE_NAME, INDEX_FILE_NAME,
     SINGLE_FILE_NAME,
 };
-use crate::io::{quantized_tensors, temp_path_for, RemoveOnDrop};
+use crate::io::quantized_tensors;
 use crate::json::python_dumps_indent2_sorted;
 use crate::select::default_rule;
 use crate::transform::{Action, QuantizeFileOptions, TensorReport};
 use crate::{Entry, Error, QuantState, Result};
 use half::{bf16, f16};
+use qlora_atomic_write::TempOutput;
 use qlora_codec::{num_blocks, packed_len, Dtype, Element, QuantizedTensor};
 use rayon::prelude::*;
 use safetensors::Dtype as StDtype;
@@ -818,8 +819,12 @@ pub fn convert_model(
         })
         .collect();
 
-    let tmp = temp_path_for(output);
-    let guard = RemoveOnDrop(Some(tmp.clone()));
+    let guard = if is_folder {
+        TempOutput::folder(output)?
+    } else {
+        TempOutput::file(output)?.0
+    };
+    let tmp = guard.path().to_path_buf();
     let mut report = ConvertReport {
         tensors: Vec::new(),
         shards: Vec::new(),
@@ -834,92 +839,96 @@ pub fn convert_model(
             p(total);
         }
     };
-    if is_folder {
-        std::fs::create_dir(&tmp).map_err(|source| Error::Io {
-            path: tmp.clone(),
-            source,
-        })?;
-    }
-    let mut weight_map = Map::new();
-    for plan in &plans {
-        let path: PathBuf = if is_folder {
-            tmp.join(&plan.file_name)
-        } else {
-            tmp.clone()
-        };
-        let (reports, bytes) = write_shard(&model, conv, plan, &path, &metadata, Some(&counting))?;
-        report.total_size += bytes;
-        report.tensors.extend(reports);
-        report.shards.push(if is_folder {
-            plan.file_name.clone()
-        } else {
-            output.display().to_string()
-        });
-        for s in &plan.slots {
-            weight_map.insert(s.name.clone(), Value::String(plan.file_name.clone()));
-        }
-    }
-    if is_folder {
-        if n > 1 {
-            let params: usize = model
-                .entries()
-                .iter()
-                .map(|e| match e {
-                    Entry::Dense { shape, .. } => shape.iter().product::<usize>(),
-                    Entry::Quantized { state, .. } => state.numel(),
-                })
-                .sum();
-            let mut meta = Map::new();
-            meta.insert("total_parameters".into(), params.into());
-            meta.insert("total_size".into(), report.total_size.into());
-            let mut index = Map::new();
-            index.insert("metadata".into(), Value::Object(meta));
-            index.insert("weight_map".into(), Value::Object(weight_map));
-            write_text_file(
-                &tmp.join(INDEX_FILE_NAME),
-                &(python_dumps_indent2_sorted(&Value::Object(index)) + "\n"),
-            )?;
-        }
-        if let Some(c) = &config {
-            write_text_file(
-                &tmp.join(CONFIG_FILE_NAME),
-                &(python_dumps_indent2_sorted(&Value::Object(c.clone())) + "\n"),
-            )?;
-        }
-        let mut others: Vec<_> = std::fs::read_dir(model.root())
-            .map_err(|source| Error::Io {
-                path: model.root().to_path_buf(),
-                source,
-            })?
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|source| Error::Io {
-                path: model.root().to_path_buf(),
-                source,
-            })?;
-        others.sort_by_key(|e| e.file_name());
-        let tmp_canonical = std::fs::canonicalize(&tmp).ok();
-        for e in others {
-            let name = e.file_name().to_string_lossy().into_owned();
-            // An output inside the input folder must not copy itself into itself.
-            if name == CONFIG_FILE_NAME || std::fs::canonicalize(e.path()).ok() == tmp_canonical {
-                continue;
+    // Errors name the output, not the hidden temporary that is removed with the guard.
+    let mut fill = || -> Result<()> {
+        let mut weight_map = Map::new();
+        for plan in &plans {
+            let path: PathBuf = if is_folder {
+                tmp.join(&plan.file_name)
+            } else {
+                tmp.clone()
+            };
+            let (reports, bytes) =
+                write_shard(&model, conv, plan, &path, &metadata, Some(&counting))?;
+            report.total_size += bytes;
+            report.tensors.extend(reports);
+            report.shards.push(if is_folder {
+                plan.file_name.clone()
+            } else {
+                output.display().to_string()
+            });
+            for s in &plan.slots {
+                weight_map.insert(s.name.clone(), Value::String(plan.file_name.clone()));
             }
-            if is_weight_file(&name) {
-                if !model.shards().iter().any(|s| s.file_name() == name) && name != INDEX_FILE_NAME
+        }
+        if is_folder {
+            if n > 1 {
+                let params: usize = model
+                    .entries()
+                    .iter()
+                    .map(|e| match e {
+                        Entry::Dense { shape, .. } => shape.iter().product::<usize>(),
+                        Entry::Quantized { state, .. } => state.numel(),
+                    })
+                    .sum();
+                let mut meta = Map::new();
+                meta.insert("total_parameters".into(), params.into());
+                meta.insert("total_size".into(), report.total_size.into());
+                let mut index = Map::new();
+                index.insert("metadata".into(), Value::Object(meta));
+                index.insert("weight_map".into(), Value::Object(weight_map));
+                write_text_file(
+                    &tmp.join(INDEX_FILE_NAME),
+                    &(python_dumps_indent2_sorted(&Value::Object(index)) + "\n"),
+                )?;
+            }
+            if let Some(c) = &config {
+                write_text_file(
+                    &tmp.join(CONFIG_FILE_NAME),
+                    &(python_dumps_indent2_sorted(&Value::Object(c.clone())) + "\n"),
+                )?;
+            }
+            let mut others: Vec<_> = std::fs::read_dir(model.root())
+                .map_err(|source| Error::Io {
+                    path: model.root().to_path_buf(),
+                    source,
+                })?
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|source| Error::Io {
+                    path: model.root().to_path_buf(),
+                    source,
+                })?;
+            others.sort_by_key(|e| e.file_name());
+            let tmp_canonical = std::fs::canonicalize(&tmp).ok();
+            for e in others {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // An output inside the input folder must not copy itself into itself.
+                if name == CONFIG_FILE_NAME || std::fs::canonicalize(e.path()).ok() == tmp_canonical
                 {
-                    report.skipped_files.push(name);
+                    continue;
                 }
-                continue;
+                if is_weight_file(&name) {
+                    if !model.shards().iter().any(|s| s.file_name() == name)
+                        && name != INDEX_FILE_NAME
+                    {
+                        report.skipped_files.push(name);
+                    }
+                    continue;
+                }
+                copy_tree(&e.path(), &tmp.join(&name))?;
+                report.copied_files.push(name);
             }
-            copy_tree(&e.path(), &tmp.join(&name))?;
-            report.copied_files.push(name);
         }
-    }
-    std::fs::rename(&tmp, output).map_err(|source| Error::Io {
-        path: output.to_path_buf(),
-        source,
+        Ok(())
+    };
+    fill().map_err(|e| match e {
+        Error::Io { path, source } => Error::Io {
+            path: guard.final_path(&path),
+            source,
+        },
+        other => other,
     })?;
-    std::mem::forget(guard);
+    guard.commit()?;
     report.tensors.sort_by_key(|r| {
         model
             .entries()

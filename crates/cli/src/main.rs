@@ -40,8 +40,51 @@ enum Command {
     Merge(merge::MergeArgs),
 }
 
+impl Command {
+    /// Whether the command writes outputs. Those run with [`guard_outputs`]: a new writing
+    /// command is added here.
+    fn writes(&self) -> bool {
+        matches!(
+            self,
+            Command::Demo(_) | Command::Quantize(_) | Command::Dequantize(_) | Command::Merge(_)
+        )
+    }
+}
+
+/// Interrupted writes leave nothing behind: on SIGINT, SIGTERM or SIGHUP the temporaries in
+/// flight are removed, one line says so and the exit status is 130, 143 or 129; SIGXFSZ is
+/// ignored so that a file-size limit fails the write with a clear error; leftovers of killed
+/// runs that a write removes are reported in one line.
+fn guard_outputs() -> std::io::Result<()> {
+    qlora_atomic_write::report_leftovers_with(report_leftovers);
+    qlora_atomic_write::install_signal_cleanup()
+}
+
+fn report_leftovers(removed: &[qlora_atomic_write::Leftover]) {
+    let bytes: u64 = removed.iter().map(|l| l.bytes).sum();
+    let paths: Vec<String> = removed
+        .iter()
+        .map(|l| l.path.display().to_string())
+        .collect();
+    let what = match removed.len() {
+        1 => "the temporary output".to_string(),
+        n => format!("{n} temporary outputs"),
+    };
+    eprintln!(
+        "qlora: removed {what} of an interrupted earlier run ({:.1} MB): {}",
+        bytes as f64 / 1e6,
+        paths.join(", ")
+    );
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.command.writes() {
+        if let Err(e) = guard_outputs() {
+            eprintln!("error: cannot install the signal handlers that clean up outputs: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match &cli.command {
         Command::Demo(args) => demo::demo(args),
         Command::Quantize(args) => convert::quantize(args),

@@ -8,6 +8,7 @@
 use crate::convert::DtypeArg;
 use clap::Args;
 use half::{bf16, f16};
+use qlora_atomic_write::TempOutput;
 use qlora_checkpoint::{
     convert_model, quantized_tensors, write_safetensors_atomic, Conversion, ConvertOptions, Entry,
     Layout, ModelFolder, OwnedTensor, QuantizeFileOptions, TensorData, INDEX_FILE_NAME,
@@ -163,13 +164,9 @@ fn write_like(model: &ModelFolder, merged: &[MergedModule], out: &Path) -> CliRe
             out.display()
         ));
     }
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let guard = TempOutput::folder(out).map_err(|e| e.to_string())?;
+    let tmp = guard.path();
     let result = (|| -> CliResult {
-        std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
         let mut total: u64 = 0;
         let mut shard_names = HashSet::new();
         for (shard, tensors) in model.shards().iter().zip(per_shard) {
@@ -183,7 +180,13 @@ fn write_like(model: &ModelFolder, merged: &[MergedModule], out: &Path) -> CliRe
                 tensors,
                 shard.metadata().cloned(),
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                // Name the shard of the output, not of the hidden temporary folder.
+                qlora_checkpoint::Error::Io { path, source } => {
+                    format!("{}: {source}", guard.final_path(&path).display())
+                }
+                e => e.to_string(),
+            })?;
         }
         let entries = std::fs::read_dir(model.root())
             .map_err(|e| format!("{}: {e}", model.root().display()))?;
@@ -210,12 +213,11 @@ fn write_like(model: &ModelFolder, merged: &[MergedModule], out: &Path) -> CliRe
                     .map_err(|e| format!("{}: {e}", path.display()))?;
             }
         }
-        std::fs::rename(&tmp, out).map_err(|e| format!("{}: {e}", out.display()))
+        Ok(())
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+    // On an error the guard removes the temporary folder.
+    result?;
+    guard.commit().map_err(|e| e.to_string())
 }
 
 /// Fraction of each dense merge that survives quantization with `opts`:
@@ -303,21 +305,23 @@ pub(crate) fn run(args: &MergeArgs) -> CliResult {
         }
     }
     if args.requantize && !four_bit {
-        // Merge into a dense copy next to OUT, then quantize it in the checkpoint crate's layout.
+        // Merge into a dense copy in a scratch folder next to OUT (a temporary like any other
+        // output: removed on error, on a signal, or by a later run), then quantize it in the
+        // checkpoint crate's layout.
         let name = args
             .output
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let tmp = args
-            .output
-            .with_file_name(format!(".{name}.merged-dense-{}", std::process::id()));
-        let tmp = if model.layout() == Layout::File {
-            tmp.with_extension("safetensors")
+        let scratch =
+            TempOutput::folder(args.output.with_file_name(format!("{name}.merged-dense")))
+                .map_err(|e| e.to_string())?;
+        let dense = if model.layout() == Layout::File {
+            scratch.path().join("model.safetensors")
         } else {
-            tmp
+            scratch.path().join("model")
         };
-        write_like(&model, &merged, &tmp)?;
+        write_like(&model, &merged, &dense)?;
         let conv = Conversion::Quantize {
             options: QuantizeFileOptions {
                 quant: qlora,
@@ -325,14 +329,8 @@ pub(crate) fn run(args: &MergeArgs) -> CliResult {
             },
             compute_dtype: None,
         };
-        let r = convert_model(&tmp, &args.output, &conv, &ConvertOptions::default())
-            .map_err(|e| e.to_string());
-        if tmp.is_dir() {
-            let _ = std::fs::remove_dir_all(&tmp);
-        } else {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        r?;
+        convert_model(&dense, &args.output, &conv, &ConvertOptions::default())
+            .map_err(|e| e.to_string())?;
     } else {
         write_like(&model, &merged, &args.output)?;
     }

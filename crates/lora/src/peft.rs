@@ -394,32 +394,15 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
     })
 }
 
-/// Write `bytes` to `path` atomically: a temporary file in the same folder, synced, then renamed.
+/// Write `bytes` to `path` atomically: a temporary file in the same folder
+/// (`qlora_atomic_write::write_atomically`: `.NAME.tmp-PID`, removed on error, on a signal once
+/// the program installed the clean-up, and by a later run if this one is killed), synced, then
+/// renamed. An existing `path` is untouched when it fails.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io)
+    qlora_atomic_write::write_atomically(path, bytes).map_err(|e| Error::Io {
+        path: e.path,
+        source: e.source,
+    })
 }
 
 impl PeftAdapter {
@@ -583,7 +566,9 @@ impl PeftAdapter {
     }
 
     /// Write the folder (created if missing): `adapter_config.json` and
-    /// `adapter_model.safetensors`, each atomically.
+    /// `adapter_model.safetensors`, each atomically. To make the folder itself appear only when
+    /// complete (a training checkpoint), save into a `qlora_atomic_write::TempOutput::folder`'s
+    /// path and commit it.
     pub fn save(&self, dir: &Path) -> Result<()> {
         self.config.validate()?;
         std::fs::create_dir_all(dir).map_err(|source| Error::Io {

@@ -601,24 +601,13 @@ impl<S: StateStorage> Adam<S> {
     }
 }
 
-/// Write `bytes` to `path` through a temporary file in the same directory and a rename.
+/// Write `bytes` to `path` through a temporary file in the same directory and a rename
+/// (`qlora_atomic_write::write_atomically`: the temporary `.NAME.tmp-PID` is removed on error, on
+/// a signal once the program installed the clean-up, and by a later run if this one is killed).
+/// An existing `path` is untouched when it fails.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let io = |source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io)
+    qlora_atomic_write::write_atomically(path, bytes).map_err(|e| Error::Io {
+        path: e.path.display().to_string(),
+        source: e.source,
+    })
 }
