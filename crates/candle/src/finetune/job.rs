@@ -255,7 +255,7 @@ pub fn finetune(
     };
     let rel = (f64::from(eval_loss_merged) - f64::from(eval_loss_after)).abs()
         / f64::from(eval_loss_after).abs().max(1e-6);
-    if !(rel <= tol) {
+    if rel.is_nan() || rel > tol {
         return Err(FinetuneError::Invalid(format!(
             "reload check failed: the merged model gives loss {eval_loss_merged}, the trained \
              model {eval_loss_after} (relative difference {rel:.2e} > {tol:.0e})"
