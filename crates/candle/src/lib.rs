@@ -114,6 +114,9 @@
 //! * [`llama`]: a Llama-family causal LM (Llama, Mistral, Qwen2) from and to Hugging Face model
 //!   folders, whose linear layers are built by a caller's factory (dense, or QLoRA layers), with
 //!   transformers' causal-LM loss. f32 logits match transformers to 1e-5 relative.
+//! * [`finetune`]: QLoRA fine-tuning of such a model: 4-bit base from a Hugging Face folder,
+//!   PEFT-style adapters, the training loop with atomic checkpoints and exact resume, and the
+//!   outputs (PEFT adapter, bitsandbytes 4-bit folder, merged model).
 //! * [`data`]: byte-level BPE tokenizers (`tokenizer.json`), datasets from `.txt` / `.jsonl`,
 //!   seeded shuffled batches.
 //! * [`train`]: optimizer steps (forward, loss, autograd, gradient accumulation) with any
@@ -122,6 +125,7 @@
 
 pub mod data;
 pub mod error;
+pub mod finetune;
 pub mod linear4bit;
 pub mod llama;
 pub mod lora;

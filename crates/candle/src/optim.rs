@@ -198,6 +198,18 @@ macro_rules! adam_optimizer {
             pub fn state_mut(&mut self) -> &mut AdamVars<$storage> {
                 &mut self.0
             }
+
+            /// The optimizer over `vars` with a full `qlora-optim` config (e.g. a lower
+            /// `min_8bit_size`, as bitsandbytes' constructor argument). The state precision is
+            /// this type's: `config.bits` is overridden.
+            pub fn with_config(vars: Vec<Var>, config: AdamConfig) -> Result<Self> {
+                let make: fn() -> Result<$storage> = $make_storage;
+                let config = AdamConfig {
+                    bits: $base.bits,
+                    ..config
+                };
+                Ok($name(AdamVars::new(vars, config, make()?)?))
+            }
         }
 
         impl candle_nn::Optimizer for $name {

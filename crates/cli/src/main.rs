@@ -5,6 +5,7 @@ mod bench;
 mod convert;
 mod demo;
 mod estimate;
+mod finetune;
 mod inspect;
 mod merge;
 
@@ -38,6 +39,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Merge a PEFT LoRA/DoRA adapter into a dense or 4-bit model (PEFT's merge_and_unload).
     Merge(merge::MergeArgs),
+    /// QLoRA fine-tuning of a Llama/Mistral/Qwen2 model folder on a .txt or .jsonl file: 4-bit
+    /// base, LoRA adapters, 8-bit (paged) AdamW, checkpoints and --resume; writes the PEFT
+    /// adapter, the 4-bit base and the merged model.
+    Finetune(finetune::FinetuneArgs),
 }
 
 impl Command {
@@ -46,7 +51,11 @@ impl Command {
     fn writes(&self) -> bool {
         matches!(
             self,
-            Command::Demo(_) | Command::Quantize(_) | Command::Dequantize(_) | Command::Merge(_)
+            Command::Demo(_)
+                | Command::Quantize(_)
+                | Command::Dequantize(_)
+                | Command::Merge(_)
+                | Command::Finetune(_)
         )
     }
 }
@@ -93,6 +102,7 @@ fn main() -> ExitCode {
         Command::Estimate(args) => estimate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Finetune(args) => finetune::run(args),
     };
     if std::env::var_os("QLORA_PRINT_PEAK_RSS").is_some() {
         print_peak_rss();

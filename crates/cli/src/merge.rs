@@ -31,7 +31,9 @@ pub(crate) struct MergeArgs {
     /// Output, in the base's layout: a file for a file base (replaced atomically), a new folder
     /// for a folder base (must not exist).
     output: PathBuf,
-    /// Dtype of the merged weights of a dense base (default: each weight's own dtype).
+    /// Dtype of the whole output of a dense base: merged weights and every other floating-point
+    /// tensor, and config.json's `dtype` (as loading with `torch_dtype` does; default: each
+    /// tensor's own dtype).
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
     /// Write a 4-bit checkpoint: a dense base is merged, then quantized (NF4, block 64, double
@@ -126,8 +128,47 @@ fn stored_tensors(module: &str, w: &BaseWeight) -> Vec<(String, OwnedTensor)> {
     }
 }
 
+/// A dense floating-point tensor of `model` converted to `dtype` (`None` for other dtypes).
+fn converted(model: &ModelFolder, key: &str, dtype: Dtype) -> Result<Option<OwnedTensor>, String> {
+    let info = model.info(key).map_err(|e| e.to_string())?;
+    if !matches!(
+        info.dtype,
+        StDtype::F32 | StDtype::F16 | StDtype::BF16 | StDtype::F64
+    ) {
+        return Ok(None);
+    }
+    let shape = info.shape.clone();
+    let err = |e: qlora_checkpoint::Error| e.to_string();
+    Ok(Some(match dtype {
+        Dtype::F32 => TensorData::from_elements(&model.dense_as::<f32>(key).map_err(err)?, shape),
+        Dtype::BF16 => TensorData::from_elements(&model.dense_as::<bf16>(key).map_err(err)?, shape),
+        Dtype::F16 => TensorData::from_elements(&model.dense_as::<f16>(key).map_err(err)?, shape),
+    }))
+}
+
+/// `config.json` with its dtype (`dtype`, and `torch_dtype` where present) set to `dtype`.
+fn config_with_dtype(text: &str, path: &Path, dtype: Dtype) -> Result<String, String> {
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let obj = cfg
+        .as_object_mut()
+        .ok_or_else(|| format!("{}: not a JSON object", path.display()))?;
+    obj.insert("dtype".into(), dtype.torch_name().into());
+    if obj.contains_key("torch_dtype") {
+        obj.insert("torch_dtype".into(), dtype.torch_name().into());
+    }
+    Ok(serde_json::to_string_pretty(&cfg).map_err(|e| e.to_string())? + "\n")
+}
+
 /// Write `model` to `out` with the merged modules replaced, keeping shards, keys and other files.
-fn write_like(model: &ModelFolder, merged: &[MergedModule], out: &Path) -> CliResult {
+/// With `dtype`, every floating-point tensor is written in that dtype and `config.json` says so
+/// (as transformers' `from_pretrained(torch_dtype=…)` then `save_pretrained` does).
+fn write_like(
+    model: &ModelFolder,
+    merged: &[MergedModule],
+    out: &Path,
+    dtype: Option<Dtype>,
+) -> CliResult {
     let groups: Vec<String> = merged
         .iter()
         .map(|m| format!("{}.weight", m.module))
@@ -139,6 +180,14 @@ fn write_like(model: &ModelFolder, merged: &[MergedModule], out: &Path) -> CliRe
             continue;
         }
         let info = model.info(key).map_err(|e| e.to_string())?;
+        if let Some(t) = dtype
+            .map(|d| converted(model, key, d))
+            .transpose()?
+            .flatten()
+        {
+            per_shard[info.shard].push((key.clone(), t));
+            continue;
+        }
         let bytes = model.tensor_bytes(key).map_err(|e| e.to_string())?;
         per_shard[info.shard].push((
             key.clone(),
@@ -207,6 +256,11 @@ fn write_like(model: &ModelFolder, merged: &[MergedModule], out: &Path) -> CliRe
                 }
                 let text = serde_json::to_string_pretty(&index).map_err(|e| e.to_string())?;
                 std::fs::write(tmp.join(&fname), text + "\n")
+                    .map_err(|e| format!("{fname}: {e}"))?;
+            } else if let (Some(d), "config.json") = (dtype, fname.as_str()) {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                std::fs::write(tmp.join(&fname), config_with_dtype(&text, &path, d)?)
                     .map_err(|e| format!("{fname}: {e}"))?;
             } else if !fname.ends_with(".safetensors") && !fname.ends_with(".bin") {
                 std::fs::copy(&path, tmp.join(&fname))
@@ -321,7 +375,7 @@ pub(crate) fn run(args: &MergeArgs) -> CliResult {
         } else {
             scratch.path().join("model")
         };
-        write_like(&model, &merged, &dense)?;
+        write_like(&model, &merged, &dense, args.dtype.map(Dtype::from))?;
         let conv = Conversion::Quantize {
             options: QuantizeFileOptions {
                 quant: qlora,
@@ -332,7 +386,7 @@ pub(crate) fn run(args: &MergeArgs) -> CliResult {
         convert_model(&dense, &args.output, &conv, &ConvertOptions::default())
             .map_err(|e| e.to_string())?;
     } else {
-        write_like(&model, &merged, &args.output)?;
+        write_like(&model, &merged, &args.output, args.dtype.map(Dtype::from))?;
     }
     println!(
         "merged {} modules into {}",

@@ -132,3 +132,67 @@ fn adapters_that_do_not_fit_name_the_module() {
         assert!(!tmp.path().join(format!("out-{name}")).exists());
     }
 }
+
+#[test]
+fn merge_dtype_converts_the_whole_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = testdata().join("checkpoints/tiny-llama-bf16");
+    let bf16_out = tmp.path().join("bf16");
+    let f32_out = tmp.path().join("f32");
+    for (out, dtype) in [(&bf16_out, None), (&f32_out, Some("f32"))] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_qlora"));
+        c.arg("merge")
+            .arg(&base)
+            .arg(testdata().join("peft/adapters/lora"))
+            .arg(out);
+        if let Some(d) = dtype {
+            c.args(["--dtype", d]);
+        }
+        let st = c.output().unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+    }
+    // Every tensor of the f32 output is F32 (merged or not), holding the bf16 output's values
+    // widened (the merge rounds to bf16 first only without --dtype: compare the untouched ones
+    // exactly and the merged ones loosely).
+    let mut n = 0;
+    for e in std::fs::read_dir(&f32_out).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "safetensors") {
+            let bytes = std::fs::read(e.path()).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            for (k, v) in st.tensors() {
+                assert_eq!(v.dtype(), safetensors::Dtype::F32, "{k}");
+                n += 1;
+            }
+        }
+    }
+    assert_eq!(n, tensors(&base).len());
+    let bf = tensors(&bf16_out);
+    let f = tensors(&f32_out);
+    for (k, v) in &bf {
+        let wide: Vec<f32> = v
+            .chunks(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect();
+        let got: Vec<f32> = f[k]
+            .chunks(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let merged = k.contains("_proj");
+        for (a, b) in wide.iter().zip(&got) {
+            if merged {
+                assert!((a - b).abs() <= 1e-2 * a.abs().max(1e-2), "{k}: {a} vs {b}");
+            } else {
+                assert_eq!(a, b, "{k}");
+            }
+        }
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f32_out.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["dtype"], "float32");
+    assert_eq!(cfg["model_type"], "llama");
+}
