@@ -25,7 +25,7 @@
 //! # Features
 //! | feature | what it adds |
 //! |---|---|
-//! | `cuda` | [`Device`]: driver probe, NVRTC compilation per architecture (cached per process), safe launchers that check every length. cudarc loads `libcuda`/`libnvrtc` at run time, so building never needs CUDA. |
+//! | `cuda` | `Device`: driver probe, NVRTC compilation per architecture (cached per process), safe launchers that check every length. cudarc loads `libcuda`/`libnvrtc` at run time, so building never needs CUDA. |
 //! | `regenerate-bindings` | the test that regenerates `src/bindings.rs` from `cuda/qlora_kernels.h` with bindgen (needs libclang) |
 //!
 //! # Example (no GPU needed)
