@@ -16,6 +16,8 @@
 //!   transformers' causal-LM loss. f32 logits match transformers to 1e-5 relative.
 //! * [`data`]: byte-level BPE tokenizers (`tokenizer.json`), datasets from `.txt` / `.jsonl`,
 //!   seeded shuffled batches.
+//! * [`pretrain`]: dense pretraining of a model (AdamW, warmup + cosine, clipping), its mean
+//!   loss over a dataset, and seeded sampling of text.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub mod data;
@@ -24,6 +26,7 @@ pub mod linear4bit;
 pub mod llama;
 pub mod lora;
 pub mod optim;
+pub mod pretrain;
 
 pub use error::{Error, Result};
 pub use linear4bit::Linear4bit;
