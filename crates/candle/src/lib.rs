@@ -121,6 +121,8 @@
 //!   seeded shuffled batches.
 //! * [`train`]: optimizer steps (forward, loss, autograd, gradient accumulation) with any
 //!   `candle_nn::Optimizer`.
+//! * [`pretrain`]: dense pretraining of a model (AdamW, warmup + cosine, clipping), its mean
+//!   loss over a dataset, and seeded sampling of text.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub mod data;
@@ -130,6 +132,7 @@ pub mod linear4bit;
 pub mod llama;
 pub mod lora;
 pub mod optim;
+pub mod pretrain;
 pub mod train;
 
 pub use error::{Error, Result};

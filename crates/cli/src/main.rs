@@ -1,5 +1,5 @@
 //! `qlora`: quantize, dequantize and inspect bitsandbytes 4-bit checkpoints without Python.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod bench;
 mod convert;
@@ -8,6 +8,7 @@ mod estimate;
 mod finetune;
 mod inspect;
 mod merge;
+mod tuning;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -88,6 +89,9 @@ fn report_leftovers(removed: &[qlora_atomic_write::Leftover]) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Demo(_) | Command::Finetune(_)) {
+        tuning::for_training();
+    }
     if cli.command.writes() {
         if let Err(e) = guard_outputs() {
             eprintln!("error: cannot install the signal handlers that clean up outputs: {e}");

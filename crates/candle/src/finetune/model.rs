@@ -72,7 +72,13 @@ impl QLoraConfig {
     /// The PEFT `adapter_config.json` of these settings.
     pub fn adapter_config(&self) -> AdapterConfig {
         let mut c = AdapterConfig::new(self.rank, self.alpha, self.target_modules.clone());
-        c.lora_dropout = f64::from(self.dropout);
+        // The shortest decimal that round-trips the f32, as PEFT's JSON has it (0.05, not
+        // 0.05000000074505806).
+        c.lora_dropout = self
+            .dropout
+            .to_string()
+            .parse()
+            .unwrap_or(f64::from(self.dropout));
         c.use_rslora = self.use_rslora;
         c.use_dora = self.use_dora;
         c.task_type = Some("CAUSAL_LM".into());
@@ -482,9 +488,21 @@ impl QLoraModel {
     }
 
     /// The PEFT config written with the adapter.
+    /// As PEFT saves it, `"all-linear"` is written expanded to the module names it matched
+    /// (sorted: PEFT writes a set).
     pub fn adapter_config(&self) -> AdapterConfig {
         let mut c = self.qcfg.adapter_config();
         c.base_model_name_or_path = Some(self.source.display().to_string());
+        if matches!(&c.target_modules, Some(TargetModules::Pattern(p)) if p == "all-linear") {
+            let mut names: Vec<String> = self
+                .lora_modules()
+                .iter()
+                .map(|(path, _)| path.rsplit('.').next().unwrap_or(path).to_string())
+                .collect();
+            names.sort();
+            names.dedup();
+            c.target_modules = Some(TargetModules::List(names));
+        }
         c
     }
 
@@ -648,7 +666,7 @@ impl QLoraModel {
             };
             let q = base.weight();
             r.base_4bit_parameters += q.numel();
-            r.base_4bit_bytes += (q.numel() as f64 * base.bits_per_weight() / 8.0).ceil() as usize;
+            r.base_4bit_bytes += q.nbytes();
             if let Some(b) = base.bias() {
                 r.dense_bytes += b.elem_count() * b.dtype().size_in_bytes();
             }
