@@ -17,8 +17,9 @@
 //!
 //! Threads: matrix products (candle's and our 4-bit ones) run on rayon's pool
 //! (`RAYON_NUM_THREADS`, default: every core). candle's element-wise ops run on its own spinning
-//! barrier pool (`CANDLE_NUM_THREADS`); like `qlora finetune` and `qlora demo`, this example runs
-//! them on the calling thread unless `CANDLE_NUM_THREADS` is set (see docs/demo.md for why).
+//! barrier pool (`CANDLE_NUM_THREADS`). Like `qlora finetune` and `qlora demo`, this example applies
+//! [`qlora_candle::tuning::for_cpu_training`]: element-wise ops on the calling thread unless
+//! `CANDLE_NUM_THREADS` is set, and a heap that is kept between steps.
 
 use std::time::Instant;
 
@@ -47,10 +48,7 @@ fn mib(b: Option<u64>) -> serde_json::Value {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // Single-threaded here: nothing reads the environment concurrently.
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    qlora_candle::tuning::for_cpu_training();
     let mut layers = 3usize;
     let mut hidden = 192usize;
     let mut heads = 6usize;

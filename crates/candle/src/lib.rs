@@ -121,6 +121,7 @@
 //!   seeded shuffled batches.
 //! * [`train`]: optimizer steps (forward, loss, autograd, gradient accumulation) with any
 //!   `candle_nn::Optimizer`.
+//! * [`tuning`]: process settings (thread pool, allocator) for CPU training programs.
 //! * [`pretrain`]: dense pretraining of a model (AdamW, warmup + cosine, clipping), its mean
 //!   loss over a dataset, and seeded sampling of text.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
@@ -134,6 +135,7 @@ pub mod lora;
 pub mod optim;
 pub mod pretrain;
 pub mod train;
+pub mod tuning;
 
 pub use error::{Error, Result};
 pub use linear4bit::Linear4bit;

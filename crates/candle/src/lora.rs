@@ -494,16 +494,7 @@ impl LoraLinear {
         };
         let xd = match seed {
             Some(seed) => {
-                let scale = 1.0 / (1.0 - p);
-                let mask: Vec<f32> = (0..n * in_f)
-                    .map(|i| {
-                        if qlora_lora::layer::dropout_keeps(seed, i, p) {
-                            scale
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
+                let mask = qlora_lora::layer::dropout_mask(seed, p, n * in_f);
                 (&x * Tensor::from_vec(mask, (n, in_f), x.device())?)?
             }
             None => x.clone(),

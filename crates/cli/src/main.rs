@@ -1,5 +1,5 @@
 //! `qlora`: quantize, dequantize and inspect bitsandbytes 4-bit checkpoints without Python.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 mod bench;
 mod convert;
@@ -8,7 +8,6 @@ mod estimate;
 mod finetune;
 mod inspect;
 mod merge;
-mod tuning;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -90,7 +89,7 @@ fn report_leftovers(removed: &[qlora_atomic_write::Leftover]) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(cli.command, Command::Demo(_) | Command::Finetune(_)) {
-        tuning::for_training();
+        qlora_candle::tuning::for_cpu_training();
     }
     if cli.command.writes() {
         if let Err(e) = guard_outputs() {

@@ -516,6 +516,31 @@ pub fn dropout_keeps(seed: u64, i: usize, p: f32) -> bool {
     kept(seed, i as u64, keep_threshold(p))
 }
 
+/// The dropout multipliers of elements `0..n` for `seed` and probability `p`: `1/(1−p)` where
+/// [`dropout_keeps`] keeps the element, else 0 (computed in parallel).
+///
+/// ```
+/// use qlora_lora::layer::{dropout_keeps, dropout_mask};
+///
+/// let m = dropout_mask(7, 0.25, 1000);
+/// for (i, &v) in m.iter().enumerate() {
+///     assert_eq!(v, if dropout_keeps(7, i, 0.25) { 1.0 / 0.75 } else { 0.0 });
+/// }
+/// ```
+pub fn dropout_mask(seed: u64, p: f32, n: usize) -> Vec<f32> {
+    let scale = 1.0 / (1.0 - p);
+    let threshold = keep_threshold(p);
+    let mut out = vec![0.0f32; n];
+    out.par_chunks_mut(1 << 12).enumerate().for_each(|(c, o)| {
+        for (k, o) in o.iter_mut().enumerate() {
+            if kept(seed, (c * 4096 + k) as u64, threshold) {
+                *o = scale;
+            }
+        }
+    });
+    out
+}
+
 fn apply_dropout(x: &[f32], seed: u64, p: f32) -> Vec<f32> {
     let scale = 1.0 / (1.0 - p);
     let threshold = keep_threshold(p);

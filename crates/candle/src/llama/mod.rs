@@ -18,6 +18,7 @@
 
 mod config;
 mod model;
+mod softmax;
 mod weights;
 
 use std::path::PathBuf;

@@ -10,6 +10,7 @@ use candle_nn::{Init, VarBuilder, VarMap};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::softmax::CausalSoftmax;
 use super::weights::{check_tensors, load_safetensors, CONFIG_FILE};
 use super::{LlamaConfig, LlamaError};
 
@@ -100,6 +101,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
+        window: usize,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
         let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
@@ -124,10 +126,15 @@ impl Attention {
         };
         let (k, v) = (repeat(k)?, repeat(v)?);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
-        let dtype = scores.dtype();
-        let probs = candle_nn::ops::softmax(&scores.to_dtype(upcast(dtype))?, D::Minus1)?
-            .to_dtype(dtype)?;
+        let raw = q.matmul(&k.t()?.contiguous()?)?;
+        let dtype = raw.dtype();
+        let probs = if raw.device().is_cpu() && matches!(dtype, DType::F32 | DType::F64) {
+            // One fused pass each way; the same values as the composed form below.
+            raw.apply_op1(CausalSoftmax { scale, window })?
+        } else {
+            let scores = (raw * scale)?.broadcast_add(mask)?;
+            candle_nn::ops::softmax(&scores.to_dtype(upcast(dtype))?, D::Minus1)?.to_dtype(dtype)?
+        };
         let out = probs.matmul(&v)?;
         let out = out
             .transpose(1, 2)?
@@ -453,9 +460,10 @@ impl LlamaForCausalLM {
         ))?;
         let (cos, sin) = self.rotary(t)?;
         let mask = self.causal_mask(t)?;
+        let window = self.window.unwrap_or(usize::MAX);
         for layer in &self.layers {
             let h = layer.input_norm.forward(&x)?;
-            x = (x + layer.attn.forward(&h, &cos, &sin, &mask)?)?;
+            x = (x + layer.attn.forward(&h, &cos, &sin, &mask, window)?)?;
             let h = layer.post_norm.forward(&x)?;
             x = (x + layer.mlp.forward(&h)?)?;
         }

@@ -1,5 +1,5 @@
-//! Process settings for the training commands (`demo`, `finetune`), applied at start-up before
-//! any thread exists.
+//! Process settings for CPU training, for a program's `main` to apply at start-up before any
+//! thread exists (`qlora demo`, `qlora finetune` and the `qlora_train_bench` example do).
 //!
 //! * candle's CPU element-wise ops run on a barrier pool whose caller spins until every worker
 //!   has finished; on a machine with few cores, or one shared with other work, a descheduled
@@ -9,10 +9,20 @@
 //!   (candle's and ours) still use every core through rayon (`RAYON_NUM_THREADS`).
 //! * glibc returns freed memory above `M_TRIM_THRESHOLD` to the kernel and serves allocations
 //!   above `M_MMAP_THRESHOLD` with fresh mappings, so each training step page-faults its
-//!   activations in again (a quarter of a step's time in the profile). Training keeps its heap.
+//!   activations in again (a quarter of a step's time in the profile). Training keeps its heap
+//!   (glibc only; elsewhere this part does nothing).
+//!
+//! ```
+//! fn main() {
+//!     qlora_candle::tuning::for_cpu_training(); // first, while the process has one thread
+//!     // ... build the model and train
+//! }
+//! ```
 
-/// Applies the settings; call first thing in `main`, while the process has one thread.
-pub(crate) fn for_training() {
+/// Applies the settings above. Call it first thing in `main`, while the process has one thread:
+/// it sets an environment variable, which must not race with another thread reading the
+/// environment.
+pub fn for_cpu_training() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // The process is single-threaded here (called before anything spawns a thread), so
         // nothing reads the environment concurrently.
