@@ -13,10 +13,10 @@
 //!   (glibc only; elsewhere this part does nothing).
 //!
 //! ```
-//! fn main() {
-//!     qlora_candle::tuning::for_cpu_training(); // first, while the process has one thread
-//!     // ... build the model and train
-//! }
+//! // First thing in `main`, while the process has one thread:
+//! qlora_candle::tuning::for_cpu_training();
+//! assert!(std::env::var_os("CANDLE_NUM_THREADS").is_some());
+//! // ... build the model and train
 //! ```
 
 /// Applies the settings above. Call it first thing in `main`, while the process has one thread:
