@@ -73,11 +73,13 @@
 //! # CPU kernels
 //!
 //! [`quantize_into`], [`dequantize_into`] and [`dequantize_range_into`] run the fastest
-//! [`Implementation`] of the CPU, picked once at first use: AVX-512 (F + BW: one `vpermd`/`vpermw`
-//! table lookup per 64-byte output vector, streaming stores for outputs ≥ 16 MiB), AVX2 + F16C,
-//! NEON on aarch64, else the safe scalar oracle ([`scalar`]). Every implementation produces the
-//! oracle's bytes (tested for each one the machine has); `QLORA_FORCE_SCALAR=1` in the environment
-//! forces the oracle, and [`Implementation`]'s methods run a chosen one. Tensors of at least
+//! [`Implementation`] of the CPU, picked once at first use: AVX-512 (one `vpermd`/`vpermw` table
+//! lookup per 64-byte output vector, streaming stores for outputs ≥ 16 MiB), AVX2 (with F16C),
+//! NEON on aarch64, else the safe scalar oracle ([`scalar`]). [`Implementation`] is
+//! `qlora-double-quant`'s, re-exported: one choice per process for every crate's kernels, from
+//! CPU features detected once. Every implementation produces the oracle's bytes (tested for each
+//! one the machine has); `QLORA_FORCE_SCALAR=1` in the environment forces the oracle, and the
+//! methods of [`CodecKernels`] run a chosen one. Tensors of at least
 //! [`PARALLEL_THRESHOLD`] elements are split over the rayon pool in ranges of whole blocks.
 //! `qlora bench` prints the throughput on the machine at hand. On a 2-core AMD EPYC (Zen 4,
 //! 2.6 GHz, AVX-512) VM, 64 Mi elements, block 64, both cores; the memcpy of the same bytes in the
@@ -127,7 +129,8 @@ pub mod testing;
 
 use half::{bf16, f16};
 
-pub use kernel::Implementation;
+pub use kernel::CodecKernels;
+pub use qlora_double_quant::Implementation;
 pub use qlora_double_quant::{DoubleQuantAbsmax, NESTED_BLOCKSIZE};
 pub use tensor::{Absmax, QuantizeOptions, QuantizedTensor};
 

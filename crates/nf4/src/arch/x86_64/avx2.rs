@@ -16,7 +16,7 @@ use crate::kernel::{self, Dense, DenseMut, DequantJob, Kernel as KernelTrait};
 use crate::{codebook, scalar, AbsmaxView, Element, QuantType};
 use core::arch::x86_64::*;
 use half::{bf16, f16};
-use qlora_double_quant::fastmath;
+use qlora_double_quant::{fastmath, Implementation};
 
 const SRC_F32: u8 = 0;
 const SRC_F16: u8 = 1;
@@ -32,14 +32,9 @@ pub(crate) struct Kernel {
 }
 
 impl Kernel {
-    /// True when the CPU has AVX2 and F16C.
-    pub(crate) fn is_available() -> bool {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")
-    }
-
-    /// The kernels, if the CPU has the features.
+    /// The kernels, if the CPU has the features of [`Implementation::Avx2`] (AVX2, FMA, F16C; these kernels use AVX2 and F16C).
     pub(crate) fn new() -> Option<Self> {
-        Self::is_available().then_some(Kernel {
+        Implementation::Avx2.is_available().then_some(Kernel {
             _features_detected: (),
         })
     }

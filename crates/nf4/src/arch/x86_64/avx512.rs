@@ -25,7 +25,7 @@ use crate::kernel::{self, Dense, DenseMut, DequantJob, Kernel as KernelTrait};
 use crate::{codebook, scalar, AbsmaxView, Element, QuantType};
 use core::arch::x86_64::*;
 use half::{bf16, f16};
-use qlora_double_quant::fastmath;
+use qlora_double_quant::{fastmath, Implementation};
 
 const SRC_F32: u8 = 0;
 const SRC_F16: u8 = 1;
@@ -41,14 +41,9 @@ pub(crate) struct Kernel {
 }
 
 impl Kernel {
-    /// True when the CPU has AVX-512 F and BW.
-    pub(crate) fn is_available() -> bool {
-        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
-    }
-
-    /// The kernels, if the CPU has the features.
+    /// The kernels, if the CPU has the features of [`Implementation::Avx512`] (AVX-512 F, BW, DQ, VL; these kernels use F and BW).
     pub(crate) fn new() -> Option<Self> {
-        Self::is_available().then_some(Kernel {
+        Implementation::Avx512.is_available().then_some(Kernel {
             _features_detected: (),
         })
     }
