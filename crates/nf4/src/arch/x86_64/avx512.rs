@@ -396,20 +396,19 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
     let nblocks = absmax.len();
     let mut g0 = 0;
     // Block sizes 64 and 128 (the common ones): 16 whole blocks at a time with no per-block
-    // work (`groups16`).
-    // Pass 1 of the next group runs before pass 2 of this one, so that the reciprocal table
-    // entries it prefetches arrive while this group is encoded.
+    // work ([`absmax16`], then [`encode16`]). Pass 1 of the next group runs before pass 2 of this
+    // one, so that the reciprocal table entries it prefetches arrive while this group is encoded.
     if bs == 64 || bs == 128 {
         let whole = n / bs / 16 * 16;
         let group_bytes = 16 * bs * elem_size;
-        // SAFETY (both calls): the caller's contract; the 16 blocks from `g` (`g + 16 ≤ whole`)
-        // are whole and inside `x`, their absmax inside `absmax`.
-        let pass1 = |g: usize, absmax: &mut [f32]| unsafe {
-            absmax16::<SRC>(
+        let pass1 = |g: usize, absmax: &mut [f32]| {
+            let (x, absmax) = (
                 &x[g * bs * elem_size..][..group_bytes],
-                bs,
                 &mut absmax[g..g + 16],
-            )
+            );
+            // SAFETY: the caller's contract (features); `x` holds 16 whole blocks (sliced), their
+            // absmax `absmax`; `bs` is 64 or 128.
+            unsafe { absmax16::<SRC>(x, bs, absmax) }
         };
         let mut tiny = whole > 0 && pass1(0, absmax);
         while g0 < whole {
