@@ -413,6 +413,13 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
         let mut tiny = whole > 0 && pass1(0, absmax);
         while g0 < whole {
             let next = g0 + 16;
+            if next + 16 < whole {
+                // The group after: its first reads (pass 1) wait on memory otherwise.
+                let ahead = x.as_ptr().wrapping_add((next + 16) * bs * elem_size);
+                for off in (0..group_bytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off).cast());
+                }
+            }
             let tiny_next = next < whole && pass1(next, absmax);
             let (s, e) = (g0 * bs, next * bs);
             // SAFETY: the caller's contract; the 16 blocks from `g0` are whole and inside `x`,
