@@ -14,7 +14,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::{bf16, f16};
 use qlora_benches::Distribution;
 use qlora_codec::{
-    num_blocks, packed_len, AbsmaxView, DoubleQuantAbsmax, Element, Implementation, QuantType,
+    num_blocks, packed_len, AbsmaxView, CodecKernels, DoubleQuantAbsmax, Element, Implementation,
+    QuantType,
 };
 use std::hint::black_box;
 use std::time::Duration;

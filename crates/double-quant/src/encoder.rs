@@ -16,8 +16,8 @@
 //! [`Implementation`]. Tests compare every implementation with `DynamicMap::encode` on every
 //! midpoint, code and neighbour, the special values and a dense sweep of bit patterns.
 
-use crate::simd::Implementation;
 use crate::DynamicMap;
+use crate::Implementation;
 use std::sync::OnceLock;
 
 /// Order-preserving map of f32 bit patterns to u32 (`a < b` ⇒ `key(a) < key(b)` for non-NaN).

@@ -63,8 +63,11 @@
 //! same codes from a bucket table (one load, one compare per value), and its slice methods
 //! ([`Encoder::encode_slice`], [`Encoder::encode_scaled`], [`Encoder::encode_divided`], the
 //! per-block forms) and [`DynamicMap::decode_scaled`] run the best SIMD [`Implementation`] of the
-//! CPU — AVX-512 (F + BW + VL), AVX2, NEON, else scalar — picked once at first use;
-//! `QLORA_FORCE_SCALAR=1` in the environment forces the scalar code. The AVX-512 encoder needs no
+//! CPU — AVX-512 (F + BW + DQ + VL, and VBMI where present), AVX2 (with FMA and F16C), NEON,
+//! else scalar — picked once at first use; `QLORA_FORCE_SCALAR=1` in the environment forces the
+//! scalar code. That choice is the whole workspace's: [`CpuFeatures`] detects the CPU once and
+//! `qlora-codec` and `qlora-optim` re-export [`Implementation`] and run their own kernels for it,
+//! so one process picks one implementation for every kernel. The AVX-512 encoder needs no
 //! table load per value: the maps are decades of evenly spaced codes, so a per-decade straight
 //! line (tables in registers, one FMA) gives the code, and the rare values within 2⁻¹² of a code
 //! spacing of a decision threshold are redone with the exact table (an exhaustive test covers
@@ -102,6 +105,7 @@
 
 #[allow(unsafe_code)]
 mod arch;
+mod dispatch;
 mod encoder;
 pub mod fastmath;
 mod maps_table;
@@ -112,9 +116,9 @@ pub mod testing;
 
 use rayon::prelude::*;
 
+pub use dispatch::{CpuFeatures, Implementation};
 pub use encoder::Encoder;
 pub use maps_table::{SIGNED_DYNAMIC_MAP_BITS, UNSIGNED_DYNAMIC_MAP_BITS};
-pub use simd::Implementation;
 
 /// Block size of the nested (double) quantization of the absmax: bitsandbytes always uses 256.
 pub const NESTED_BLOCKSIZE: usize = 256;

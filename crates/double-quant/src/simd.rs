@@ -1,13 +1,14 @@
-//! Run-time selection of the slice kernels of [`Encoder`] and [`DynamicMap::decode_scaled`]: the
-//! scalar code, AVX2, AVX-512 and NEON, the best one picked once and cached.
+//! The slice kernels of [`Encoder`] and [`DynamicMap::decode_scaled`] for each [`Implementation`]
+//! (chosen in `crate::dispatch`): the scalar code, AVX2, AVX-512 and NEON.
 //!
 //! This module is safe code; the `unsafe` SIMD lives in `crate::arch`. Every implementation
 //! produces the same bytes as [`DynamicMap::encode`] (tested for every implementation the machine
 //! has).
 
 use crate::encoder::Encoder;
-use crate::{check_len, BlockwiseStatesMut, DynamicMap, Error, OPTIMIZER_BLOCKSIZE};
-use std::sync::OnceLock;
+use crate::{
+    check_len, BlockwiseStatesMut, DynamicMap, Error, Implementation, OPTIMIZER_BLOCKSIZE,
+};
 
 /// How a slice kernel normalizes each input before encoding it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,47 +20,6 @@ pub(crate) enum Normalize {
     /// `x / p` (IEEE f32 division).
     Div,
 }
-
-/// A CPU implementation of the slice kernels ([`Encoder::encode_slice`],
-/// [`Encoder::encode_scaled`], [`Encoder::encode_divided`], [`DynamicMap::decode_scaled`]).
-///
-/// [`Implementation::active`] is what those methods use; tests and benchmarks can run a specific
-/// one through the methods of this type. Every implementation returns the same bytes.
-///
-/// ```
-/// use qlora_double_quant::{Encoder, Implementation};
-///
-/// let x = [0.5f32, -0.25, 2.0, f32::NAN];
-/// let mut reference = [0u8; 4];
-/// Implementation::Scalar.encode_scaled(Encoder::signed(), &x, 0.5, &mut reference);
-/// for imp in Implementation::available() {
-///     let mut codes = [0u8; 4];
-///     imp.encode_scaled(Encoder::signed(), &x, 0.5, &mut codes);
-///     assert_eq!(codes, reference, "{imp}");
-/// }
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Implementation {
-    /// Safe scalar code: one table lookup per element.
-    Scalar,
-    /// x86-64 AVX2: 8 lanes, `vpgatherdd` (decode is the scalar loop).
-    Avx2,
-    /// x86-64 AVX-512 F + BW + VL: 16 lanes, masked tails; encode by per-decade segments (exact
-    /// table for the lanes near a threshold); decode by VBMI byte planes where the CPU has VBMI,
-    /// else `vpermt2ps`.
-    Avx512,
-    /// aarch64 NEON: 4 lanes of key arithmetic and compares, scalar table loads.
-    Neon,
-}
-
-/// Every implementation, best first.
-const ALL: [Implementation; 4] = [
-    Implementation::Avx512,
-    Implementation::Avx2,
-    Implementation::Neon,
-    Implementation::Scalar,
-];
 
 /// Runs `$body` with `$k` bound to the SIMD kernel of `$imp`, or `$scalar` for the scalar code.
 macro_rules! dispatch {
@@ -90,58 +50,11 @@ macro_rules! dispatch {
     };
 }
 
+/// The slice kernels ([`Encoder::encode_slice`], [`Encoder::encode_scaled`],
+/// [`Encoder::encode_divided`], the per-block forms, [`DynamicMap::decode_scaled`]) with a chosen
+/// implementation: the methods use [`Implementation::active`], tests and benchmarks run a specific
+/// one through these.
 impl Implementation {
-    /// A short name: `scalar`, `avx2`, `avx512`, `neon`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Implementation::Scalar => "scalar",
-            Implementation::Avx2 => "avx2",
-            Implementation::Avx512 => "avx512",
-            Implementation::Neon => "neon",
-        }
-    }
-
-    /// True when this implementation can run on this machine (and was compiled in).
-    pub fn is_available(self) -> bool {
-        match self {
-            Implementation::Scalar => true,
-            #[cfg(all(target_arch = "x86_64", qlora_simd))]
-            Implementation::Avx2 => crate::arch::x86_64::avx2::Kernel::is_available(),
-            #[cfg(all(target_arch = "x86_64", qlora_simd))]
-            Implementation::Avx512 => crate::arch::x86_64::avx512::Kernel::is_available(),
-            #[cfg(all(target_arch = "aarch64", qlora_simd))]
-            Implementation::Neon => crate::arch::aarch64::neon::Kernel::is_available(),
-            #[allow(unreachable_patterns)]
-            _ => false,
-        }
-    }
-
-    /// The implementations this machine can run, best first (the scalar code is always last).
-    pub fn available() -> Vec<Implementation> {
-        ALL.into_iter().filter(|i| i.is_available()).collect()
-    }
-
-    /// The fastest implementation this machine can run (ignores `QLORA_FORCE_SCALAR`).
-    pub fn best() -> Implementation {
-        ALL.into_iter()
-            .find(|i| i.is_available())
-            .unwrap_or(Implementation::Scalar)
-    }
-
-    /// The implementation the slice methods use: [`best`](Self::best), or the scalar code when the
-    /// environment variable `QLORA_FORCE_SCALAR` is `1` (read once, on first use).
-    #[inline]
-    pub fn active() -> Implementation {
-        static ACTIVE: OnceLock<Implementation> = OnceLock::new();
-        *ACTIVE.get_or_init(|| {
-            if std::env::var_os("QLORA_FORCE_SCALAR").is_some_and(|v| v == "1") {
-                Implementation::Scalar
-            } else {
-                Implementation::best()
-            }
-        })
-    }
-
     /// `out[i] = enc.encode(normalize(x[i], ps[i / size]))`.
     #[inline]
     fn encode(
@@ -407,12 +320,6 @@ impl Implementation {
                 }
             }
         })
-    }
-}
-
-impl std::fmt::Display for Implementation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
     }
 }
 

@@ -264,57 +264,53 @@ fn matrix_dims(shape: &[usize]) -> (usize, usize) {
     }
 }
 
-impl Implementation {
-    /// [`QuantizedTensor::gemv`] with this implementation.
-    ///
-    /// Every implementation returns the same bits; one this machine cannot run (or whose fused
-    /// kernel needs a feature the CPU lacks, such as FMA for AVX2) runs the scalar oracle instead.
-    pub fn gemv(
-        self,
-        q: &QuantizedTensor,
-        x: &[f32],
-        n: usize,
-        y: &mut [f32],
-    ) -> Result<(), Error> {
-        let (rows, cols) = matrix_dims(q.shape());
-        check_len("x", n.saturating_mul(cols), x.len())?;
-        check_len("y", n.saturating_mul(rows), y.len())?;
-        if n == 0 || rows == 0 {
-            return Ok(());
-        }
-        let m = Matrix {
-            quant_type: q.quant_type(),
-            dtype: q.dtype(),
-            packed: q.packed(),
-            absmax: q.absmax().view(),
-            blocksize: q.blocksize(),
-            rows,
-            cols,
-        };
-        let (xs, stride) = prepare_x(x, n, cols);
-        let rows_per_task = (TASK_ELEMS / cols.max(1)).max(1);
-        let run = |yt: &mut [f32]| {
-            if rows * cols < TASK_ELEMS * 2 {
-                rows_with(self, &m, &xs, stride, n, 0, yt);
-            } else {
-                yt.par_chunks_mut(rows_per_task * n)
-                    .enumerate()
-                    .for_each(|(i, c)| rows_with(self, &m, &xs, stride, n, i * rows_per_task, c));
-            }
-        };
-        if n == 1 {
-            run(y);
-        } else {
-            let mut yt = vec![0.0f32; rows * n];
-            run(&mut yt);
-            for (j, yrow) in yt.chunks_exact(n).enumerate() {
-                for (t, &v) in yrow.iter().enumerate() {
-                    y[t * rows + j] = v;
-                }
-            }
-        }
-        Ok(())
+/// [`QuantizedTensor::gemv`] with implementation `imp` ([`CodecKernels::gemv`](crate::CodecKernels::gemv)):
+/// the scalar oracle where `imp` cannot run here.
+pub(crate) fn gemv_with(
+    imp: Implementation,
+    q: &QuantizedTensor,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+) -> Result<(), Error> {
+    let (rows, cols) = matrix_dims(q.shape());
+    check_len("x", n.saturating_mul(cols), x.len())?;
+    check_len("y", n.saturating_mul(rows), y.len())?;
+    if n == 0 || rows == 0 {
+        return Ok(());
     }
+    let m = Matrix {
+        quant_type: q.quant_type(),
+        dtype: q.dtype(),
+        packed: q.packed(),
+        absmax: q.absmax().view(),
+        blocksize: q.blocksize(),
+        rows,
+        cols,
+    };
+    let (xs, stride) = prepare_x(x, n, cols);
+    let rows_per_task = (TASK_ELEMS / cols.max(1)).max(1);
+    let run = |yt: &mut [f32]| {
+        if rows * cols < TASK_ELEMS * 2 {
+            rows_with(imp, &m, &xs, stride, n, 0, yt);
+        } else {
+            yt.par_chunks_mut(rows_per_task * n)
+                .enumerate()
+                .for_each(|(i, c)| rows_with(imp, &m, &xs, stride, n, i * rows_per_task, c));
+        }
+    };
+    if n == 1 {
+        run(y);
+    } else {
+        let mut yt = vec![0.0f32; rows * n];
+        run(&mut yt);
+        for (j, yrow) in yt.chunks_exact(n).enumerate() {
+            for (t, &v) in yrow.iter().enumerate() {
+                y[t * rows + j] = v;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl QuantizedTensor {
@@ -348,6 +344,6 @@ impl QuantizedTensor {
     /// # Ok::<(), qlora_codec::Error>(())
     /// ```
     pub fn gemv(&self, x: &[f32], n: usize, y: &mut [f32]) -> Result<(), Error> {
-        Implementation::active().gemv(self, x, n, y)
+        gemv_with(Implementation::active(), self, x, n, y)
     }
 }

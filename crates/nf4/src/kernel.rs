@@ -1,15 +1,16 @@
-//! Run-time selection of the CPU kernels (memchr's layout): the scalar oracle, AVX2, AVX-512 and
-//! NEON implementations, the best one picked once and cached, and the multi-threaded drivers that
-//! cut a tensor into ranges of whole blocks for them.
+//! The CPU kernels of each [`Implementation`] (memchr's layout): the scalar oracle, AVX2, AVX-512
+//! and NEON, run through [`CodecKernels`] for the implementation `qlora-double-quant` picks once
+//! for the whole process, and the multi-threaded drivers that cut a tensor into ranges of whole
+//! blocks for them.
 //!
 //! This module is safe code; the `unsafe` SIMD lives in `crate::arch`. Every implementation
 //! produces the same bytes as [`crate::scalar`] (tested for every implementation the machine has).
 
-use crate::{scalar, AbsmaxView, Element, QuantType, PARALLEL_THRESHOLD};
+use crate::{scalar, AbsmaxView, Element, QuantType, QuantizedTensor, PARALLEL_THRESHOLD};
 use half::{bf16, f16};
+use qlora_double_quant::Implementation;
 use rayon::prelude::*;
 use std::any::TypeId;
-use std::sync::OnceLock;
 
 /// Outputs at least this large are written with non-temporal (cache-bypassing) stores where the
 /// implementation has them: a tensor this size does not stay in the cache anyway, and streaming
@@ -48,87 +49,33 @@ macro_rules! with_kernel {
     };
 }
 
-/// A CPU implementation of the 4-bit kernels.
+/// The 4-bit kernels run with a chosen [`Implementation`] (the workspace's one run-time choice,
+/// shared with `qlora-double-quant` and `qlora-optim`).
 ///
-/// [`Implementation::active`] is what [`crate::quantize_into`] and the dequantize functions use;
-/// tests and benchmarks can run a specific one through the methods of this type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Implementation {
-    /// The safe scalar oracle ([`crate::scalar`]).
-    Scalar,
-    /// x86-64 AVX2 + F16C.
-    Avx2,
-    /// x86-64 AVX-512 F + BW.
-    Avx512,
-    /// aarch64 NEON.
-    Neon,
-}
-
-/// Every implementation, best first.
-const ALL: [Implementation; 4] = [
-    Implementation::Avx512,
-    Implementation::Avx2,
-    Implementation::Neon,
-    Implementation::Scalar,
-];
-
-impl Implementation {
-    /// A short name: `scalar`, `avx2`, `avx512`, `neon`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Implementation::Scalar => "scalar",
-            Implementation::Avx2 => "avx2",
-            Implementation::Avx512 => "avx512",
-            Implementation::Neon => "neon",
-        }
-    }
-
-    /// True when this implementation can run on this machine (and was compiled in).
-    pub fn is_available(self) -> bool {
-        match self {
-            Implementation::Scalar => true,
-            #[cfg(all(target_arch = "x86_64", qlora_simd))]
-            Implementation::Avx2 => crate::arch::x86_64::avx2::Kernel::is_available(),
-            #[cfg(all(target_arch = "x86_64", qlora_simd))]
-            Implementation::Avx512 => crate::arch::x86_64::avx512::Kernel::is_available(),
-            #[cfg(all(target_arch = "aarch64", qlora_simd))]
-            Implementation::Neon => crate::arch::aarch64::neon::Kernel::is_available(),
-            #[allow(unreachable_patterns)]
-            _ => false,
-        }
-    }
-
-    /// The implementations this machine can run, best first (the scalar oracle is always last).
-    pub fn available() -> Vec<Implementation> {
-        ALL.into_iter().filter(|i| i.is_available()).collect()
-    }
-
-    /// The fastest implementation this machine can run (ignores `QLORA_FORCE_SCALAR`).
-    pub fn best() -> Implementation {
-        ALL.into_iter()
-            .find(|i| i.is_available())
-            .unwrap_or(Implementation::Scalar)
-    }
-
-    /// The implementation the crate's entry points use: [`best`](Self::best), or the scalar oracle
-    /// when the environment variable `QLORA_FORCE_SCALAR` is `1` (read once, on first use).
-    pub fn active() -> Implementation {
-        static ACTIVE: OnceLock<Implementation> = OnceLock::new();
-        *ACTIVE.get_or_init(|| {
-            if std::env::var_os("QLORA_FORCE_SCALAR").is_some_and(|v| v == "1") {
-                Implementation::Scalar
-            } else {
-                Implementation::best()
-            }
-        })
-    }
-
+/// [`Implementation::active`] is what [`crate::quantize_into`], the dequantize functions and
+/// [`QuantizedTensor::gemv`] use; tests and benchmarks can run a specific implementation through
+/// these methods (implemented for [`Implementation`]; the trait exists because the type is
+/// `qlora-double-quant`'s). Every implementation returns the same bytes.
+///
+/// ```
+/// use qlora_codec::{CodecKernels, Implementation, QuantType};
+///
+/// let x: Vec<f32> = (0..256).map(|i| (i as f32 * 0.37).sin()).collect();
+/// let (mut packed, mut absmax) = (vec![0u8; 128], vec![0f32; 4]);
+/// Implementation::Scalar.quantize_into(QuantType::Nf4, &x, 64, &mut packed, &mut absmax)?;
+/// for imp in Implementation::available() {
+///     let (mut p, mut a) = (vec![0u8; 128], vec![0f32; 4]);
+///     imp.quantize_into(QuantType::Nf4, &x, 64, &mut p, &mut a)?;
+///     assert_eq!((&p, &a), (&packed, &absmax), "{imp}");
+/// }
+/// # Ok::<(), qlora_codec::Error>(())
+/// ```
+pub trait CodecKernels: Copy + Into<Implementation> {
     /// [`crate::quantize_into`] with this implementation.
     ///
     /// # Panics
-    /// If the implementation is not [available](Self::is_available) here.
-    pub fn quantize_into<T: Element>(
+    /// If the implementation is not [available](Implementation::is_available) here.
+    fn quantize_into<T: Element>(
         self,
         quant_type: QuantType,
         input: &[T],
@@ -137,15 +84,16 @@ impl Implementation {
         absmax: &mut [f32],
     ) -> Result<(), crate::Error> {
         crate::validate_quantize(input.len(), blocksize, packed, absmax)?;
-        with_kernel!(self, k => drive_quantize(k, quant_type, input, blocksize, packed, absmax));
+        let imp: Implementation = self.into();
+        with_kernel!(imp, k => drive_quantize(k, quant_type, input, blocksize, packed, absmax));
         Ok(())
     }
 
     /// [`crate::dequantize_into`] with this implementation.
     ///
     /// # Panics
-    /// If the implementation is not [available](Self::is_available) here.
-    pub fn dequantize_into<T: Element>(
+    /// If the implementation is not [available](Implementation::is_available) here.
+    fn dequantize_into<T: Element>(
         self,
         quant_type: QuantType,
         packed: &[u8],
@@ -154,16 +102,17 @@ impl Implementation {
         out: &mut [T],
     ) -> Result<(), crate::Error> {
         crate::validate_dequantize(packed, absmax, blocksize, out.len(), 0, out.len())?;
-        with_kernel!(self, k => drive_dequantize(k, quant_type, packed, absmax, blocksize, out));
+        let imp: Implementation = self.into();
+        with_kernel!(imp, k => drive_dequantize(k, quant_type, packed, absmax, blocksize, out));
         Ok(())
     }
 
     /// [`crate::dequantize_range_into`] with this implementation.
     ///
     /// # Panics
-    /// If the implementation is not [available](Self::is_available) here.
+    /// If the implementation is not [available](Implementation::is_available) here.
     #[allow(clippy::too_many_arguments)]
-    pub fn dequantize_range_into<T: Element>(
+    fn dequantize_range_into<T: Element>(
         self,
         quant_type: QuantType,
         packed: &[u8],
@@ -182,16 +131,27 @@ impl Implementation {
             start,
             streaming: std::mem::size_of_val(out) >= STREAMING_BYTES,
         };
-        with_kernel!(self, k => dequantize_chunk(k, &job, out));
+        let imp: Implementation = self.into();
+        with_kernel!(imp, k => dequantize_chunk(k, &job, out));
         Ok(())
+    }
+
+    /// [`QuantizedTensor::gemv`] with this implementation.
+    ///
+    /// Every implementation returns the same bits; one this machine cannot run runs the scalar
+    /// oracle instead.
+    fn gemv(
+        self,
+        q: &QuantizedTensor,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+    ) -> Result<(), crate::Error> {
+        crate::gemv::gemv_with(self.into(), q, x, n, y)
     }
 }
 
-impl std::fmt::Display for Implementation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+impl CodecKernels for Implementation {}
 
 /// A dense input of one of the three element types the SIMD kernels handle.
 #[derive(Clone, Copy)]

@@ -8,8 +8,8 @@
 
 use half::{bf16, f16};
 use qlora_codec::{
-    gemv, Absmax, DoubleQuantAbsmax, Dtype, Element, Error, Implementation, QuantType,
-    QuantizeOptions, QuantizedTensor, BLOCK_SIZES,
+    gemv, Absmax, CodecKernels, DoubleQuantAbsmax, Dtype, Element, Error, Implementation,
+    QuantType, QuantizeOptions, QuantizedTensor, BLOCK_SIZES,
 };
 
 struct Rng(u64);

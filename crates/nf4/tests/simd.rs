@@ -6,7 +6,7 @@
 
 use half::{bf16, f16};
 use qlora_codec::{
-    codebook, scalar, AbsmaxView, Element, Implementation, QuantType, BLOCK_SIZES,
+    codebook, scalar, AbsmaxView, CodecKernels, Element, Implementation, QuantType, BLOCK_SIZES,
     PARALLEL_THRESHOLD,
 };
 
@@ -392,7 +392,10 @@ fn dispatch_reports_a_usable_implementation() {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
             assert!(Implementation::Avx2.is_available());
         }
         assert!(!Implementation::Neon.is_available());

@@ -15,7 +15,7 @@
 //! `QLORA_BENCH_N` changes the tensor size (default 16 Mi elements).
 
 use criterion::{criterion_group, Criterion, Throughput};
-use qlora_optim::{AdamStep, Blockwise8bitMut, Implementation, OPTIMIZER_BLOCKSIZE};
+use qlora_optim::{AdamKernels, AdamStep, Blockwise8bitMut, Implementation, OPTIMIZER_BLOCKSIZE};
 use rayon::prelude::*;
 use std::hint::black_box;
 use std::time::{Duration, Instant};

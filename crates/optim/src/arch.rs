@@ -14,20 +14,8 @@
 //! feature-less `task_8bit` it ran at SSE2 width, 2.5× slower).
 
 use crate::element::Element;
-use crate::kernel::{block_update, task_32bit, task_8bit, Consts, Implementation, Task32, Task8};
-
-/// True when `imp` can run on this CPU.
-pub(crate) fn is_available(imp: Implementation) -> bool {
-    match imp {
-        Implementation::Scalar => true,
-        #[cfg(target_arch = "x86_64")]
-        Implementation::Avx2 => x86_64::has_avx2(),
-        #[cfg(target_arch = "x86_64")]
-        Implementation::Avx512 => x86_64::has_avx512(),
-        #[allow(unreachable_patterns)]
-        _ => false,
-    }
-}
+use crate::kernel::{block_update, task_32bit, task_8bit, Consts, Task32, Task8};
+use qlora_double_quant::Implementation;
 
 /// A hint that the `len` elements from `start` will be read soon: one prefetch per 64-byte line
 /// (nothing on targets without a prefetch instruction). Never reads or faults, so `start` may be
@@ -62,14 +50,14 @@ pub(crate) fn run_8bit<P: Element, G: Element>(
 ) {
     match imp {
         #[cfg(target_arch = "x86_64")]
-        Implementation::Avx512 if x86_64::has_avx512() => {
-            // SAFETY: the CPU has every feature `task_8bit_avx512` is compiled for (checked in the
-            // match guard).
+        Implementation::Avx512 if imp.is_available() => {
+            // SAFETY: `Implementation::Avx512` is available only on a CPU with AVX-512 F, BW, DQ
+            // and VL, every feature `task_8bit_avx512` is compiled for (match guard).
             unsafe { x86_64::task_8bit_avx512(t, k) }
         }
         #[cfg(target_arch = "x86_64")]
-        Implementation::Avx2 if x86_64::has_avx2() => {
-            // SAFETY: the CPU has AVX2 (checked in the match guard).
+        Implementation::Avx2 if imp.is_available() => {
+            // SAFETY: `Implementation::Avx2` is available only on a CPU with AVX2 (match guard).
             unsafe { x86_64::task_8bit_avx2(t, k) }
         }
         _ => task_8bit(t, |p, g, s1, s2, gbuf| block_update(p, g, s1, s2, gbuf, k)),
@@ -85,14 +73,14 @@ pub(crate) fn run_32bit<P: Element, G: Element>(
 ) {
     match imp {
         #[cfg(target_arch = "x86_64")]
-        Implementation::Avx512 if x86_64::has_avx512() => {
-            // SAFETY: the CPU has every feature `task_32bit_avx512` is compiled for (checked in
-            // the match guard).
+        Implementation::Avx512 if imp.is_available() => {
+            // SAFETY: `Implementation::Avx512` is available only on a CPU with AVX-512 F, BW, DQ
+            // and VL, every feature `task_32bit_avx512` is compiled for (match guard).
             unsafe { x86_64::task_32bit_avx512(t, k) }
         }
         #[cfg(target_arch = "x86_64")]
-        Implementation::Avx2 if x86_64::has_avx2() => {
-            // SAFETY: the CPU has AVX2 (checked in the match guard).
+        Implementation::Avx2 if imp.is_available() => {
+            // SAFETY: `Implementation::Avx2` is available only on a CPU with AVX2 (match guard).
             unsafe { x86_64::task_32bit_avx2(t, k) }
         }
         _ => task_32bit(t, k),
@@ -102,17 +90,6 @@ pub(crate) fn run_32bit<P: Element, G: Element>(
 #[cfg(target_arch = "x86_64")]
 mod x86_64 {
     use super::*;
-
-    pub(super) fn has_avx2() -> bool {
-        std::is_x86_feature_detected!("avx2")
-    }
-
-    pub(super) fn has_avx512() -> bool {
-        std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512dq")
-            && std::is_x86_feature_detected!("avx512vl")
-    }
 
     /// # Safety
     /// The CPU must have AVX-512 F, BW, DQ and VL.

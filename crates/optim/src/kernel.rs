@@ -9,10 +9,9 @@
 
 use crate::element::{Dtype, Element};
 use crate::error::Error;
-use qlora_double_quant::{BlockwiseStatesMut, Encoder, OPTIMIZER_BLOCKSIZE};
+use qlora_double_quant::{BlockwiseStatesMut, Encoder, Implementation, OPTIMIZER_BLOCKSIZE};
 use rayon::prelude::*;
 use std::cell::Cell;
-use std::sync::OnceLock;
 
 /// Tensors of at least this many elements are updated on the rayon pool.
 pub const PARALLEL_THRESHOLD: usize = 1 << 15;
@@ -307,7 +306,7 @@ where
     };
     // The active implementation (every one gives the same codes; `QLORA_FORCE_SCALAR=1` selects
     // the scalar one, as for this crate's own loops).
-    qlora_double_quant::Implementation::active()
+    Implementation::active()
         .update_blockwise(
             [Encoder::signed(), Encoder::unsigned()],
             [128, 0],
@@ -567,100 +566,63 @@ pub(crate) fn task_32bit<P: Element, G: Element>(t: Task32<'_, P, G>, k: &Consts
     }
 }
 
-/// An implementation of the kernels: the same safe Rust loops compiled for the target's baseline
-/// instruction set, or for AVX2 / AVX-512 and chosen at run time.
+/// The update kernels run with a chosen [`Implementation`] (the workspace's one run-time choice,
+/// shared with `qlora-double-quant` and `qlora-codec`): the same safe Rust loops compiled for the
+/// target's baseline instruction set ([`Implementation::Scalar`], and [`Implementation::Neon`],
+/// aarch64's baseline), or for AVX2 / AVX-512.
 ///
 /// [`Implementation::active`] is what [`adam_step_8bit`] and [`adam_step_32bit`] (and so the
 /// optimizers) use; tests and benchmarks can run a specific one. Every implementation runs the
 /// same operations in the same order with IEEE f32 arithmetic (no FMA contraction, exact division
-/// and square root), so they give the same bits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Implementation {
-    /// The target's baseline instruction set (SSE2 on x86-64; the compiler vectorizes the loops).
-    Scalar,
-    /// x86-64 AVX2.
-    Avx2,
-    /// x86-64 AVX-512 F, BW, DQ and VL.
-    Avx512,
-}
-
-/// Every implementation, best first.
-const ALL: [Implementation; 3] = [
-    Implementation::Avx512,
-    Implementation::Avx2,
-    Implementation::Scalar,
-];
-
-impl Implementation {
-    /// A short name: `scalar`, `avx2`, `avx512`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Implementation::Scalar => "scalar",
-            Implementation::Avx2 => "avx2",
-            Implementation::Avx512 => "avx512",
-        }
-    }
-
-    /// True when this implementation can run on this machine.
-    pub fn is_available(self) -> bool {
-        crate::arch::is_available(self)
-    }
-
-    /// The implementations this machine can run, best first (`Scalar` is always last).
-    pub fn available() -> Vec<Implementation> {
-        ALL.into_iter().filter(|i| i.is_available()).collect()
-    }
-
-    /// The fastest implementation this machine can run (ignores `QLORA_FORCE_SCALAR`).
-    pub fn best() -> Implementation {
-        ALL.into_iter()
-            .find(|i| i.is_available())
-            .unwrap_or(Implementation::Scalar)
-    }
-
-    /// The implementation [`adam_step_8bit`] and [`adam_step_32bit`] use: [`best`](Self::best),
-    /// or `Scalar` when the environment variable `QLORA_FORCE_SCALAR` is `1` (read once, on
-    /// first use).
-    pub fn active() -> Implementation {
-        static ACTIVE: OnceLock<Implementation> = OnceLock::new();
-        *ACTIVE.get_or_init(|| {
-            if std::env::var_os("QLORA_FORCE_SCALAR").is_some_and(|v| v == "1") {
-                Implementation::Scalar
-            } else {
-                Implementation::best()
-            }
-        })
-    }
-
-    fn check(self) -> Result<(), Error> {
-        if self.is_available() {
-            Ok(())
-        } else {
-            Err(Error::Unavailable(self.name()))
-        }
-    }
-
+/// and square root), so they give the same bits. Implemented for [`Implementation`] (the trait
+/// exists because the type is `qlora-double-quant`'s).
+///
+/// ```
+/// use qlora_optim::{AdamKernels, AdamStep, Implementation};
+///
+/// let hp = AdamStep {
+///     lr: 1e-3,
+///     beta1: 0.9,
+///     beta2: 0.999,
+///     eps: 1e-8,
+///     weight_decay: 0.0,
+///     step: 1,
+///     gnorm_scale: 1.0,
+/// };
+/// let g = [0.5f32, -0.25, 1.0];
+/// let mut want = [1.0f32; 3];
+/// let (mut m, mut v) = ([0f32; 3], [0f32; 3]);
+/// Implementation::Scalar.adam_step_32bit(&mut want, &g, &mut m, &mut v, &hp)?;
+/// for imp in Implementation::available() {
+///     let mut p = [1.0f32; 3];
+///     let (mut m, mut v) = ([0f32; 3], [0f32; 3]);
+///     imp.adam_step_32bit(&mut p, &g, &mut m, &mut v, &hp)?;
+///     assert_eq!(p.map(f32::to_bits), want.map(f32::to_bits), "{imp}");
+/// }
+/// # Ok::<(), qlora_optim::Error>(())
+/// ```
+pub trait AdamKernels: Copy + Into<Implementation> {
     /// [`adam_step_8bit`] with this implementation.
     ///
-    /// Errors like [`adam_step_8bit`], and when this implementation is not
-    /// [available](Self::is_available) here.
-    pub fn adam_step_8bit<P: Element, G: Element>(
+    /// Errors like [`adam_step_8bit`], and with [`Error::Unavailable`] when this implementation
+    /// is not [available](Implementation::is_available) here.
+    fn adam_step_8bit<P: Element, G: Element>(
         self,
         params: &mut [P],
         grads: &[G],
         state: Blockwise8bitMut<'_>,
         hp: &AdamStep,
     ) -> Result<(), Error> {
-        self.check()?;
-        step_8bit(self, params, grads, state, hp)
+        let imp = self.into();
+        check_available(imp)?;
+        step_8bit(imp, params, grads, state, hp)
     }
 
     /// [`adam_step_32bit`] with this implementation.
     ///
-    /// Errors like [`adam_step_32bit`], and when this implementation is not
-    /// [available](Self::is_available) here.
-    pub fn adam_step_32bit<P: Element, G: Element>(
+    /// Errors like [`adam_step_32bit`], and with [`Error::Unavailable`] when this implementation
+    /// is not [available](Implementation::is_available) here.
+    fn adam_step_32bit<P: Element, G: Element>(
         self,
         params: &mut [P],
         grads: &[G],
@@ -668,13 +630,19 @@ impl Implementation {
         state2: &mut [f32],
         hp: &AdamStep,
     ) -> Result<(), Error> {
-        self.check()?;
-        step_32bit(self, params, grads, state1, state2, hp)
+        let imp = self.into();
+        check_available(imp)?;
+        step_32bit(imp, params, grads, state1, state2, hp)
     }
 }
 
-impl std::fmt::Display for Implementation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+impl AdamKernels for Implementation {}
+
+/// `Ok` when `imp` can run here, else [`Error::Unavailable`].
+fn check_available(imp: Implementation) -> Result<(), Error> {
+    if imp.is_available() {
+        Ok(())
+    } else {
+        Err(Error::Unavailable(imp.name()))
     }
 }

@@ -15,7 +15,7 @@
 //!   states created on first use (`min_8bit_size = 4096`: smaller parameters keep f32 states).
 //! * The kernels [`adam_step_8bit`] (`kOptimizerStatic8bit2StateBlockwise`) and
 //!   [`adam_step_32bit`] (`kOptimizer32bit2State`), per element in f32 (run by the
-//!   [`Implementation`] picked for the CPU; [`Implementation::adam_step_8bit`] runs a chosen one):
+//!   [`Implementation`] picked for the CPU; [`AdamKernels::adam_step_8bit`] runs a chosen one):
 //!   ```text
 //!   c1 = 1 - β₁^t          c2 = sqrt(1 - β₂^t)          step_size = (-lr · c2) / c1
 //!   m  = qmap1[c1_old] · absmax1_old · β₁ + (1-β₁) · g      (8-bit: dequantized, old absmax)
@@ -86,7 +86,9 @@
 //!
 //! The loops are safe Rust. Besides the baseline build (SSE2 on x86-64, auto-vectorized), the
 //! crate compiles the same loops for AVX2 and AVX-512 and picks the best the CPU has at run time
-//! ([`Implementation`]; `QLORA_FORCE_SCALAR=1` forces the baseline build). All give the same bits:
+//! ([`Implementation`], `qlora-double-quant`'s one CPU dispatch for the whole workspace, re-exported
+//! here; `QLORA_FORCE_SCALAR=1` forces the baseline build; on aarch64, [`Implementation::Neon`]
+//! is the baseline build, which has NEON). All give the same bits:
 //! same operations in the same order, no FMA contraction, IEEE division and square root (per
 //! element three divisions and one square root, which no reciprocal approximation may replace).
 //! The 8-bit codes come from `qlora-double-quant`'s exact encoders, whichever implementation runs.
@@ -143,12 +145,13 @@ pub use clip::{clip_coefficient, clip_grad_norm, global_grad_norm, GradClip};
 pub use element::{Dtype, Element, TensorMut, TensorRef};
 pub use error::Error;
 pub use kernel::{
-    adam_step_32bit, adam_step_8bit, AdamStep, Blockwise8bitMut, Implementation, PARALLEL_THRESHOLD,
+    adam_step_32bit, adam_step_8bit, AdamKernels, AdamStep, Blockwise8bitMut, PARALLEL_THRESHOLD,
 };
 pub use optimizer::{
     write_atomically, Adam, AdamConfig, GroupHyper, GroupOptions, OptimBits, ParamId, ParamUpdate,
 };
 pub use paged::{MaybePaged, PagedAdam, PagedStorage, PAGED_MIN_NUMEL};
+pub use qlora_double_quant::Implementation;
 pub use qlora_double_quant::OPTIMIZER_BLOCKSIZE;
 pub use qlora_paged_alloc::{Pool, PoolConfig};
 pub use schedule::{warmup_steps_from_ratio, LrSchedule};

@@ -10,29 +10,13 @@
 //! must be ≥ 99.9 % equal, and for ≥ 99.9 % of elements the parameter change `p_t − p_0` must be
 //! within 1e-4 of the largest change. The worst element is printed.
 
-use qlora_optim::{Adam, AdamConfig, ParamUpdate, StateTensors, TensorMut, TensorRef};
+mod common;
+
+use common::{equal_fraction, f32s, replay, testdata, u8s};
+use qlora_optim::{AdamConfig, StateTensors};
 use safetensors::SafeTensors;
-use std::path::PathBuf;
 
 const STEPS: usize = 10;
-
-fn f32s(st: &SafeTensors<'_>, name: &str) -> Vec<f32> {
-    let t = st.tensor(name).unwrap_or_else(|_| panic!("missing {name}"));
-    assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
-    t.data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
-fn u8s(st: &SafeTensors<'_>, name: &str) -> Vec<u8> {
-    st.tensor(name).unwrap().data().to_vec()
-}
-
-fn equal_fraction(a: &[u8], b: &[u8]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64
-}
 
 /// For the change `p_t − p_0`: the fraction of elements within `tol · max |Δp_gpu|` of the GPU's
 /// change, and the worst element's error relative to that maximum.
@@ -63,9 +47,7 @@ fn change_agreement(p0: &[f32], ours: &[f32], gpu: &[f32], tol: f64) -> (f64, f6
 
 #[test]
 fn trajectories_agree_with_the_gpu() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../testdata/bnb-cuda-sm90/optim_trajectories.safetensors");
-    let bytes = std::fs::read(path).unwrap();
+    let bytes = std::fs::read(testdata("bnb-cuda-sm90/optim_trajectories.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let p0 = f32s(&st, "p0");
     let grads: Vec<Vec<f32>> = (0..STEPS).map(|k| f32s(&st, &format!("grad{k}"))).collect();
@@ -75,23 +57,15 @@ fn trajectories_agree_with_the_gpu() {
         ("adamw32bit", AdamConfig::adamw32bit(), 0.01),
     ] {
         let config = base.lr(2e-3).betas(0.9, 0.999).eps(1e-8).weight_decay(wd);
-        let mut opt = Adam::new(config).unwrap();
-        let id = opt.add_param(0, p0.len()).unwrap();
-        let mut p = p0.clone();
+        let (opt, id, traj) = replay(config, &p0, &grads);
         let mut report = String::new();
-        for (k, g) in grads.iter().enumerate() {
-            opt.step(&mut [ParamUpdate {
-                id,
-                param: TensorMut::F32(&mut p),
-                grad: TensorRef::F32(g),
-            }])
-            .unwrap();
+        for (k, p) in traj.iter().enumerate() {
             let key = format!("{name}.param{k}");
             if st.tensor(&key).is_err() {
                 continue; // testdata keeps steps 1, 5 and 10
             }
             let gpu = f32s(&st, &key);
-            let (frac, worst, at) = change_agreement(&p0, &p, &gpu, 1e-4);
+            let (frac, worst, at) = change_agreement(&p0, p, &gpu, 1e-4);
             assert!(
                 frac >= 0.999,
                 "{name} step {}: only {:.3} % of parameter changes within 1e-4 of the largest",

@@ -8,14 +8,16 @@
 //! that: every differing code is one code away from bitsandbytes' and sits within one grid
 //! cell of the decision midpoint between the two codes.
 
+mod common;
+
+use common::{equal_fraction, f32s, replay, testdata, u8s};
 use qlora_double_quant::DynamicMap;
 use qlora_optim::{
-    Adam, AdamConfig, AdamStep, HostStorage, OptimBits, ParamId, ParamState, ParamUpdate,
-    StateKind, StateTensors, TensorMut, TensorRef,
+    AdamConfig, AdamStep, HostStorage, OptimBits, ParamState, StateKind, StateTensors, TensorMut,
+    TensorRef,
 };
 use safetensors::SafeTensors;
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 const CASES: [&str; 6] = [
     "adamw8bit_n4500",
@@ -50,10 +52,6 @@ fn cpu_idx(xn: f32) -> usize {
     (((c + 1.0) * 0.5) * 65535.0 + 0.5) as usize
 }
 
-fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/optim")
-}
-
 struct Case {
     config: AdamConfig,
     p0: Vec<f32>,
@@ -63,24 +61,10 @@ struct Case {
     states: Vec<u8>,
 }
 
-fn f32s(st: &SafeTensors<'_>, name: &str) -> Vec<f32> {
-    let t = st.tensor(name).unwrap_or_else(|_| panic!("missing {name}"));
-    assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
-    t.data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
-fn u8s(st: &SafeTensors<'_>, name: &str) -> Vec<u8> {
-    let t = st.tensor(name).unwrap_or_else(|_| panic!("missing {name}"));
-    assert_eq!(t.dtype(), safetensors::Dtype::U8, "{name}");
-    t.data().to_vec()
-}
-
 fn load(name: &str) -> Case {
-    let read =
-        |suffix: &str| std::fs::read(dir().join(format!("{name}.{suffix}.safetensors"))).unwrap();
+    let read = |suffix: &str| {
+        std::fs::read(testdata(&format!("optim/{name}.{suffix}.safetensors"))).unwrap()
+    };
     let inp = read("in");
     let out = read("out");
     let states = read("states");
@@ -162,33 +146,11 @@ fn f32_states(state: &ParamState<HostStorage>) -> (Vec<f32>, Vec<f32>) {
     }
 }
 
-fn equal_fraction(a: &[u8], b: &[u8]) -> f64 {
-    a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64
-}
-
-/// Run the recorded trajectory through `Adam`; returns the optimizer and the parameter.
-fn replay(case: &Case) -> (Adam, ParamId, Vec<Vec<f32>>) {
-    let mut opt = Adam::new(case.config.clone()).unwrap();
-    let id = opt.add_param(0, case.p0.len()).unwrap();
-    let mut p = case.p0.clone();
-    let mut traj = Vec::new();
-    for g in &case.grads {
-        opt.step(&mut [ParamUpdate {
-            id,
-            param: TensorMut::F32(&mut p),
-            grad: TensorRef::F32(g),
-        }])
-        .unwrap();
-        traj.push(p.clone());
-    }
-    (opt, id, traj)
-}
-
 #[test]
 fn trajectories_agree_with_bitsandbytes() {
     for name in CASES {
         let case = load(name);
-        let (opt, id, traj) = replay(&case);
+        let (opt, id, traj) = replay(case.config.clone(), &case.p0, &case.grads);
         let state = opt.state(id).unwrap().unwrap();
         let n = case.p0.len();
         let last = case.params.len() - 1;

@@ -9,7 +9,7 @@
 
 use crate::encoder::{Encoder, Table, OFFSET_BITS};
 use crate::simd::Normalize;
-use crate::DynamicMap;
+use crate::{DynamicMap, Implementation};
 use core::arch::aarch64::*;
 
 const NORM_NONE: u8 = 0;
@@ -23,14 +23,9 @@ pub(crate) struct Kernel {
 }
 
 impl Kernel {
-    /// True when the CPU has NEON (always on aarch64 Linux/macOS, checked anyway).
-    pub(crate) fn is_available() -> bool {
-        std::arch::is_aarch64_feature_detected!("neon")
-    }
-
-    /// The kernels, if the CPU has NEON.
+    /// The kernels, if the CPU has the features of [`Implementation::Neon`] (NEON; always on aarch64 Linux/macOS, checked anyway).
     pub(crate) fn new() -> Option<Self> {
-        Self::is_available().then_some(Kernel {
+        Implementation::Neon.is_available().then_some(Kernel {
             _features_detected: (),
         })
     }

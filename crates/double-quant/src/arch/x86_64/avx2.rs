@@ -10,7 +10,7 @@
 
 use crate::encoder::{Encoder, Table, OFFSET_BITS};
 use crate::simd::Normalize;
-use crate::DynamicMap;
+use crate::{DynamicMap, Implementation};
 use core::arch::x86_64::*;
 
 const NORM_NONE: u8 = 0;
@@ -24,14 +24,9 @@ pub(crate) struct Kernel {
 }
 
 impl Kernel {
-    /// True when the CPU has AVX2.
-    pub(crate) fn is_available() -> bool {
-        std::is_x86_feature_detected!("avx2")
-    }
-
-    /// The kernels, if the CPU has the features.
+    /// The kernels, if the CPU has the features of [`Implementation::Avx2`] (AVX2, FMA, F16C).
     pub(crate) fn new() -> Option<Self> {
-        Self::is_available().then_some(Kernel {
+        Implementation::Avx2.is_available().then_some(Kernel {
             _features_detected: (),
         })
     }

@@ -23,7 +23,7 @@
 
 use crate::encoder::{Encoder, Segments, NEAR_MASK, NEAR_UNITS, SPLIT_UP, SPLIT_WINDOW};
 use crate::simd::Normalize;
-use crate::{BytePlanes, DynamicMap};
+use crate::{BytePlanes, CpuFeatures, DynamicMap, Implementation};
 use core::arch::x86_64::*;
 
 const NORM_NONE: u8 = 0;
@@ -38,22 +38,13 @@ pub(crate) struct Kernel {
 }
 
 impl Kernel {
-    /// True when the CPU has AVX-512 F, BW and VL.
-    pub(crate) fn is_available() -> bool {
-        std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512vl")
-    }
-
-    /// The kernels, if the CPU has the features.
-    /// Detected once: the optimizer calls the slice kernels several times per 256-element block.
+    /// The kernels, if the CPU has the features of [`Implementation::Avx512`] (AVX-512 F, BW, DQ,
+    /// VL; these kernels use F, BW and VL, and VBMI where the CPU has it). Cheap (the features are
+    /// detected once): the optimizer calls the slice kernels several times per 256-element block.
     #[inline]
     pub(crate) fn new() -> Option<Self> {
-        static DETECTED: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| {
-            Self::is_available().then(|| Kernel {
-                vbmi: std::is_x86_feature_detected!("avx512vbmi"),
-            })
+        Implementation::Avx512.is_available().then(|| Kernel {
+            vbmi: CpuFeatures::get().avx512vbmi,
         })
     }
 

@@ -8,6 +8,7 @@
 //! [`crate::gemv`], inlined.
 
 use crate::gemv::{finish_row, Matrix};
+use crate::Implementation;
 use core::arch::aarch64::*;
 
 /// Tokens that share one pass over a row's codes (8 accumulators each).
@@ -20,9 +21,9 @@ pub(crate) struct Kernel {
 }
 
 impl Kernel {
-    /// The kernel, if the CPU has NEON.
+    /// The kernels, if the CPU has the features of [`Implementation::Neon`] (NEON).
     pub(crate) fn new() -> Option<Self> {
-        std::arch::is_aarch64_feature_detected!("neon").then_some(Kernel {
+        Implementation::Neon.is_available().then_some(Kernel {
             _features_detected: (),
         })
     }

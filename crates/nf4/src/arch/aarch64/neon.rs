@@ -17,7 +17,7 @@ use crate::kernel::{self, Dense, DenseMut, DequantJob, Kernel as KernelTrait};
 use crate::{codebook, scalar, AbsmaxView, Element, QuantType};
 use core::arch::aarch64::*;
 use half::{bf16, f16};
-use qlora_double_quant::fastmath;
+use qlora_double_quant::{fastmath, Implementation};
 
 const SRC_F32: u8 = 0;
 const SRC_F16: u8 = 1;
@@ -33,14 +33,9 @@ pub(crate) struct Kernel {
 }
 
 impl Kernel {
-    /// True when the CPU has NEON (always on aarch64 Linux/macOS, checked anyway).
-    pub(crate) fn is_available() -> bool {
-        std::arch::is_aarch64_feature_detected!("neon")
-    }
-
-    /// The kernels, if the CPU has NEON.
+    /// The kernels, if the CPU has the features of [`Implementation::Neon`] (NEON; always on aarch64 Linux/macOS, checked anyway).
     pub(crate) fn new() -> Option<Self> {
-        Self::is_available().then_some(Kernel {
+        Implementation::Neon.is_available().then_some(Kernel {
             _features_detected: (),
         })
     }

@@ -16,7 +16,7 @@ use crate::kernel::{self, Dense, DenseMut, DequantJob, Kernel as KernelTrait};
 use crate::{codebook, scalar, AbsmaxView, Element, QuantType};
 use core::arch::x86_64::*;
 use half::{bf16, f16};
-use qlora_double_quant::fastmath;
+use qlora_double_quant::{fastmath, Implementation};
 
 const SRC_F32: u8 = 0;
 const SRC_F16: u8 = 1;
@@ -32,14 +32,9 @@ pub(crate) struct Kernel {
 }
 
 impl Kernel {
-    /// True when the CPU has AVX2 and F16C.
-    pub(crate) fn is_available() -> bool {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")
-    }
-
-    /// The kernels, if the CPU has the features.
+    /// The kernels, if the CPU has the features of [`Implementation::Avx2`] (AVX2, FMA, F16C; these kernels use AVX2 and F16C).
     pub(crate) fn new() -> Option<Self> {
-        Self::is_available().then_some(Kernel {
+        Implementation::Avx2.is_available().then_some(Kernel {
             _features_detected: (),
         })
     }
@@ -207,7 +202,9 @@ fn pack8(code: __m256i) -> [u8; 4] {
     _mm_cvtsi128_si32(both).to_le_bytes()
 }
 
-/// Quantize whole blocks.
+/// Quantize whole blocks, in groups of about 2048 elements: pass 1 of the next group (every
+/// absmax, and a prefetch of each block's reciprocal table entry) runs before pass 2 of this one
+/// (the codes), so that the table loads arrive while this group is encoded.
 ///
 /// # Safety
 /// AVX2 and F16C must be available; `x` holds `n` elements of `elem_size` bytes, `packed`
@@ -221,44 +218,89 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
     absmax: &mut [f32],
 ) {
     let n = x.len() / elem_size;
-    for (b, am) in absmax.iter_mut().enumerate() {
-        let s = b * bs;
-        let len = bs.min(n - s);
-        let (full, rem) = (len / 8, len % 8);
-        let block = &x[s * elem_size..(s + len) * elem_size];
+    let nblocks = absmax.len();
+    let group = (2048 / bs).max(1);
+    let block = |b: usize| &x[b * bs * elem_size..(b * bs + bs.min(n - b * bs)) * elem_size];
+    let pass1 = |g0: usize, g1: usize, absmax: &mut [f32]| {
+        for (b, am) in (g0..g1).zip(&mut absmax[g0..g1]) {
+            // SAFETY: the caller's contract (features, whole elements) holds for this block.
+            *am = fastmath::ftz_absmax(unsafe { block_absmax8::<SRC>(block(b), elem_size) });
+            fastmath::prefetch_rcp_approx_ftz(*am);
+        }
+    };
+    pass1(0, group.min(nblocks), absmax);
+    let mut g0 = 0;
+    while g0 < nblocks {
+        let g1 = (g0 + group).min(nblocks);
+        pass1(g1, (g1 + group).min(nblocks), absmax);
+        for (b, &a) in (g0..g1).zip(&absmax[g0..g1]) {
+            let (block, s) = (block(b), b * bs);
+            let bytes = &mut packed[s / 2..s / 2 + (block.len() / elem_size).div_ceil(2)];
+            if fastmath::is_tiny_absmax(a) {
+                kernel::oracle_block(QuantType::of_nf4(NF4), SRC, block, bytes);
+            } else {
+                // SAFETY: the caller's contract (features, whole elements); `bytes` holds one
+                // byte per two elements of `block`.
+                unsafe { encode_block8::<SRC, NF4>(block, elem_size, a, bytes) };
+            }
+        }
+        g0 = g1;
+    }
+}
+
+/// The largest |x| of one block (NaN ignored), the zero-padded partial vector included.
+///
+/// # Safety
+/// AVX2 and F16C must be available; `block` holds whole elements of `elem_size` bytes.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn block_absmax8<const SRC: u8>(block: &[u8], elem_size: usize) -> f32 {
+    let len = block.len() / elem_size;
+    let (full, rem) = (len / 8, len % 8);
+    let mut tail = [0u8; 32];
+    tail[..rem * elem_size].copy_from_slice(&block[full * 8 * elem_size..]);
+    let mut acc = _mm256_setzero_ps();
+    for v in 0..full {
+        // SAFETY: vector `v` lies inside `block` (v < len/8).
+        let xv = unsafe { load8::<SRC>(block.as_ptr().add(v * 8 * elem_size)) };
+        acc = _mm256_max_ps(abs8(xv), acc);
+    }
+    if rem > 0 {
+        // SAFETY: `tail` holds 32 bytes, ≥ 8 elements.
+        let xv = unsafe { load8::<SRC>(tail.as_ptr()) };
+        acc = _mm256_max_ps(abs8(xv), acc);
+    }
+    hmax8(acc)
+}
+
+/// The codes of one block with absmax `a` (not tiny) into `bytes` (`ceil(len/2)` bytes).
+///
+/// # Safety
+/// AVX2 and F16C must be available; `block` holds whole elements of `elem_size` bytes.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn encode_block8<const SRC: u8, const NF4: bool>(
+    block: &[u8],
+    elem_size: usize,
+    a: f32,
+    bytes: &mut [u8],
+) {
+    let len = block.len() / elem_size;
+    let (full, rem) = (len / 8, len % 8);
+    let inv = _mm256_set1_ps(fastmath::rcp_approx_ftz(a));
+    for v in 0..full {
+        // SAFETY: vector `v` lies inside `block`.
+        let xv = unsafe { load8::<SRC>(block.as_ptr().add(v * 8 * elem_size)) };
+        let four = pack8(encode8::<NF4>(xv, inv));
+        bytes[4 * v..4 * v + 4].copy_from_slice(&four);
+    }
+    if rem > 0 {
         let mut tail = [0u8; 32];
         tail[..rem * elem_size].copy_from_slice(&block[full * 8 * elem_size..]);
-        let mut acc = _mm256_setzero_ps();
-        for v in 0..full {
-            // SAFETY: vector `v` lies inside `block` (v < len/8).
-            let xv = unsafe { load8::<SRC>(block.as_ptr().add(v * 8 * elem_size)) };
-            acc = _mm256_max_ps(abs8(xv), acc);
-        }
-        if rem > 0 {
-            // SAFETY: `tail` holds 32 bytes, ≥ 8 elements.
-            let xv = unsafe { load8::<SRC>(tail.as_ptr()) };
-            acc = _mm256_max_ps(abs8(xv), acc);
-        }
-        let a = fastmath::ftz_absmax(hmax8(acc));
-        *am = a;
-        let bytes = &mut packed[s / 2..s / 2 + len.div_ceil(2)];
-        if fastmath::is_tiny_absmax(a) {
-            kernel::oracle_block(QuantType::of_nf4(NF4), SRC, block, bytes);
-            continue;
-        }
-        let inv = _mm256_set1_ps(fastmath::rcp_approx_ftz(a));
-        for v in 0..full {
-            // SAFETY: vector `v` lies inside `block`.
-            let xv = unsafe { load8::<SRC>(block.as_ptr().add(v * 8 * elem_size)) };
-            let four = pack8(encode8::<NF4>(xv, inv));
-            bytes[4 * v..4 * v + 4].copy_from_slice(&four);
-        }
-        if rem > 0 {
-            // SAFETY: `tail` holds 32 bytes, ≥ 8 elements.
-            let xv = unsafe { load8::<SRC>(tail.as_ptr()) };
-            let four = pack8(encode8::<NF4>(xv, inv));
-            bytes[4 * full..].copy_from_slice(&four[..rem.div_ceil(2)]);
-        }
+        // SAFETY: `tail` holds 32 bytes, ≥ 8 elements.
+        let xv = unsafe { load8::<SRC>(tail.as_ptr()) };
+        let four = pack8(encode8::<NF4>(xv, inv));
+        bytes[4 * full..].copy_from_slice(&four[..rem.div_ceil(2)]);
     }
 }
 

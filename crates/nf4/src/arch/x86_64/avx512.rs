@@ -25,7 +25,7 @@ use crate::kernel::{self, Dense, DenseMut, DequantJob, Kernel as KernelTrait};
 use crate::{codebook, scalar, AbsmaxView, Element, QuantType};
 use core::arch::x86_64::*;
 use half::{bf16, f16};
-use qlora_double_quant::fastmath;
+use qlora_double_quant::{fastmath, Implementation};
 
 const SRC_F32: u8 = 0;
 const SRC_F16: u8 = 1;
@@ -41,14 +41,9 @@ pub(crate) struct Kernel {
 }
 
 impl Kernel {
-    /// True when the CPU has AVX-512 F and BW.
-    pub(crate) fn is_available() -> bool {
-        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
-    }
-
-    /// The kernels, if the CPU has the features.
+    /// The kernels, if the CPU has the features of [`Implementation::Avx512`] (AVX-512 F, BW, DQ, VL; these kernels use F and BW).
     pub(crate) fn new() -> Option<Self> {
-        Self::is_available().then_some(Kernel {
+        Implementation::Avx512.is_available().then_some(Kernel {
             _features_detected: (),
         })
     }
@@ -401,23 +396,46 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
     let nblocks = absmax.len();
     let mut g0 = 0;
     // Block sizes 64 and 128 (the common ones): 16 whole blocks at a time with no per-block
-    // work (`groups16`).
+    // work ([`absmax16`], then [`encode16`]). Pass 1 of the next group runs before pass 2 of this
+    // one, so that the reciprocal table entries it prefetches arrive while this group is encoded.
     if bs == 64 || bs == 128 {
-        while (g0 + 16) * bs <= n {
-            let (s, e) = (g0 * bs, (g0 + 16) * bs);
+        let whole = n / bs / 16 * 16;
+        let group_bytes = 16 * bs * elem_size;
+        let pass1 = |g: usize, absmax: &mut [f32]| {
+            let (x, absmax) = (
+                &x[g * bs * elem_size..][..group_bytes],
+                &mut absmax[g..g + 16],
+            );
+            // SAFETY: the caller's contract (features); `x` holds 16 whole blocks (sliced), their
+            // absmax `absmax`; `bs` is 64 or 128.
+            unsafe { absmax16::<SRC>(x, bs, absmax) }
+        };
+        let mut tiny = whole > 0 && pass1(0, absmax);
+        while g0 < whole {
+            let next = g0 + 16;
+            if next + 16 < whole {
+                // The group after: its first reads (pass 1) wait on memory otherwise.
+                let ahead = x.as_ptr().wrapping_add((next + 16) * bs * elem_size);
+                for off in (0..group_bytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off).cast());
+                }
+            }
+            let tiny_next = next < whole && pass1(next, absmax);
+            let (s, e) = (g0 * bs, next * bs);
             // SAFETY: the caller's contract; the 16 blocks from `g0` are whole and inside `x`,
-            // their codes inside `packed` and their absmax inside `absmax`.
+            // their codes inside `packed`, their absmax (pass 1's) inside `absmax`.
             unsafe {
-                groups16::<SRC, NF4>(
+                encode16::<SRC, NF4>(
                     &x[s * elem_size..e * elem_size],
                     bs,
                     &mut packed[s / 2..e / 2],
-                    &mut absmax[g0..g0 + 16],
+                    &mut absmax[g0..next],
+                    tiny,
                     &search,
                     order,
                 )
             };
-            g0 += 16;
+            (g0, tiny) = (next, tiny_next);
         }
     }
     // Blocks go in groups: first every absmax of the group, then every code. The division and
@@ -432,6 +450,7 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
             let raw =
                 unsafe { block_absmax::<SRC>(&x[s * elem_size..(s + len) * elem_size], elem_size) };
             *am = fastmath::ftz_absmax(raw);
+            fastmath::prefetch_rcp_approx_ftz(*am);
         }
         for (b, &a) in (g0..g1).zip(&absmax[g0..g1]) {
             let s = b * bs;
@@ -485,28 +504,21 @@ fn max16_epu32(a: &[__m512i; 16]) -> __m512i {
     halves(halves(c[0], c[1]), halves(c[2], c[3]))
 }
 
-/// Quantize 16 whole blocks of 64 or 128 elements.
+/// Pass 1 over 16 whole blocks of 64 or 128 elements: their absmax, written to `absmax`.
 ///
-/// Pass 1 keeps one running maximum per block (sign-cleared bit patterns, compared as unsigned
+/// Keeps one running maximum per block (sign-cleared bit patterns, compared as unsigned
 /// integers: for non-NaN values the same order as the magnitudes; f16/bf16 two elements per
 /// 32-bit lane, folded afterwards) and reduces all 16 with [`max16_epu32`]; a block whose maximum
-/// is a NaN pattern is redone by [`block_absmax`] (NaN ignored). The 16 reciprocals are one
-/// `vdivps`. Pass 2 encodes 64 elements per step straight through the 16 blocks, the block's
-/// reciprocal broadcast from memory: no per-block bookkeeping.
+/// is a NaN pattern is redone by [`block_absmax`] (NaN ignored). Returns whether a block's absmax
+/// is tiny (the group then goes to the oracle in [`encode16`]); otherwise prefetches the 16
+/// reciprocal table entries that [`encode16`] will read.
 ///
 /// # Safety
-/// AVX-512 F and BW are available; `x` holds `16·bs` elements of the source type, `packed`
-/// `8·bs` bytes, `absmax` 16 values; `bs` is 64 or 128.
+/// AVX-512 F and BW are available; `x` holds `16·bs` elements of the source type, `absmax` 16
+/// values; `bs` is 64 or 128.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn groups16<const SRC: u8, const NF4: bool>(
-    x: &[u8],
-    bs: usize,
-    packed: &mut [u8],
-    absmax: &mut [f32],
-    search: &Search,
-    order: __m512i,
-) {
+unsafe fn absmax16<const SRC: u8>(x: &[u8], bs: usize, absmax: &mut [f32]) -> bool {
     let elem_size = if SRC == SRC_F32 { 4 } else { 2 };
     let block_bytes = bs * elem_size;
     let vecs = block_bytes / 64;
@@ -563,13 +575,40 @@ unsafe fn groups16<const SRC: u8, const NF4: bool>(
             }
         }
     }
-    // A block whose absmax is tiny (all zero, or small enough that subnormal inputs count) sends
-    // the group to the oracle: rare, and it keeps the flush of inputs out of the loop below.
+    if !tiny {
+        absmax
+            .iter()
+            .for_each(|&a| fastmath::prefetch_rcp_approx_ftz(a));
+    }
+    tiny
+}
+
+/// Pass 2 over 16 whole blocks of 64 or 128 elements, given their absmax ([`absmax16`]): the
+/// codes, 64 elements per step straight through the 16 blocks, the block's reciprocal broadcast
+/// from memory: no per-block bookkeeping. With `tiny` (a block's absmax is tiny: all zero, or
+/// small enough that subnormal inputs count) the group goes to the oracle instead: rare, and it
+/// keeps the flush of inputs out of the loop.
+///
+/// # Safety
+/// AVX-512 F and BW are available; `x` holds `16·bs` elements of the source type, `packed`
+/// `8·bs` bytes, `absmax` the 16 blocks' absmax; `bs` is 64 or 128.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn encode16<const SRC: u8, const NF4: bool>(
+    x: &[u8],
+    bs: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+    tiny: bool,
+    search: &Search,
+    order: __m512i,
+) {
     if tiny {
         kernel::oracle_blocks(QuantType::of_nf4(NF4), SRC, x, bs, packed, absmax);
         return;
     }
-    // One table lookup per block: the GPU's reciprocal.
+    let elem_size = if SRC == SRC_F32 { 4 } else { 2 };
+    // One table lookup per block: the GPU's reciprocal (prefetched by pass 1).
     let inv: [f32; 16] = core::array::from_fn(|b| fastmath::rcp_approx_ftz(absmax[b]));
     let shift = (bs / 64).trailing_zeros();
     for c in 0..16 * bs / 64 {

@@ -10,7 +10,7 @@
 
 use super::avx2::bf16_rne8;
 use crate::gemv::{finish_row, Matrix};
-use crate::Dtype;
+use crate::{Dtype, Implementation};
 use core::arch::x86_64::*;
 
 const DT_F32: u8 = 0;
@@ -27,12 +27,9 @@ pub(crate) struct Kernel {
 }
 
 impl Kernel {
-    /// The kernel, if the CPU has AVX2, FMA and F16C.
+    /// The kernels, if the CPU has the features of [`Implementation::Avx2`] (AVX2, FMA, F16C).
     pub(crate) fn new() -> Option<Self> {
-        (std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c"))
-        .then_some(Kernel {
+        Implementation::Avx2.is_available().then_some(Kernel {
             _features_detected: (),
         })
     }

@@ -11,7 +11,7 @@
 
 use super::avx512::bf16_rne;
 use crate::gemv::{finish_row, Matrix};
-use crate::Dtype;
+use crate::{Dtype, Implementation};
 use core::arch::x86_64::*;
 
 const DT_F32: u8 = 0;
@@ -28,12 +28,11 @@ pub(crate) struct Kernel {
 }
 
 impl Kernel {
-    /// The kernel, if the CPU has AVX-512 F and BW.
+    /// The kernels, if the CPU has the features of [`Implementation::Avx512`] (AVX-512 F, BW, DQ, VL; this kernel uses F and BW).
     pub(crate) fn new() -> Option<Self> {
-        (std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw"))
-            .then_some(Kernel {
-                _features_detected: (),
-            })
+        Implementation::Avx512.is_available().then_some(Kernel {
+            _features_detected: (),
+        })
     }
 
     /// Rows `r0 .. r0 + yt.len()/n` for `n` tokens: `yt[(j − r0)·n + t]`. `xs` is
