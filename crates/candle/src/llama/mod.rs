@@ -18,6 +18,7 @@
 
 mod config;
 mod model;
+mod norm;
 mod softmax;
 mod weights;
 

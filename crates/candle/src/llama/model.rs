@@ -10,6 +10,7 @@ use candle_nn::{Init, VarBuilder, VarMap};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::norm::RmsNormOp;
 use super::softmax::CausalSoftmax;
 use super::weights::{check_tensors, load_safetensors, CONFIG_FILE};
 use super::{LlamaConfig, LlamaError};
@@ -66,6 +67,15 @@ struct RmsNorm {
 impl RmsNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = xs.dtype();
+        if xs.device().is_cpu()
+            && matches!(dtype, DType::F32 | DType::F64)
+            && self.weight.dtype() == dtype
+        {
+            // One fused pass each way; the same operations as the composed form below.
+            return xs
+                .contiguous()?
+                .apply_op2(&self.weight, RmsNormOp { eps: self.eps });
+        }
         let x = xs.to_dtype(upcast(dtype))?;
         let var = x.sqr()?.mean_keepdim(D::Minus1)?;
         let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;

@@ -30,7 +30,7 @@ struct CausalSoftmaxBackward {
 }
 
 /// The floating-point types of the op.
-trait Float: Copy + PartialOrd + std::ops::Mul<Output = Self> {
+pub(crate) trait Float: Copy + PartialOrd + std::ops::Mul<Output = Self> {
     const ZERO: Self;
     const NEG_INFINITY: Self;
     fn from_f64(x: f64) -> Self;
@@ -38,6 +38,7 @@ trait Float: Copy + PartialOrd + std::ops::Mul<Output = Self> {
     fn add(self, o: Self) -> Self;
     fn sub(self, o: Self) -> Self;
     fn div(self, o: Self) -> Self;
+    fn sqrt(self) -> Self;
 }
 
 macro_rules! float {
@@ -64,6 +65,10 @@ macro_rules! float {
             #[inline]
             fn div(self, o: Self) -> Self {
                 self / o
+            }
+            #[inline]
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
             }
         }
     };
