@@ -127,10 +127,10 @@ pub(crate) enum DeviceArg {
 #[derive(Debug, Args)]
 pub(crate) struct DemoArgs {
     /// Fine-tuning steps (each a batch of 8 sequences of 64 tokens).
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 160)]
     steps: u64,
     /// Pretraining steps of the base model (each a batch of 8 sequences of 64 tokens).
-    #[arg(long, default_value_t = 240)]
+    #[arg(long, default_value_t = 480)]
     pretrain_steps: u64,
     /// LoRA rank r (lora_alpha is 2r).
     #[arg(long, default_value_t = 16)]
