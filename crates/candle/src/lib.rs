@@ -123,6 +123,8 @@
 //!   `candle_nn::Optimizer`.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod data;
 pub mod error;
 pub mod finetune;
