@@ -49,7 +49,11 @@ pub(crate) fn kernels(dev: &CudaDevice) -> Result<Arc<qlora_cuda::Device>> {
     type Cache = Mutex<HashMap<DeviceId, Arc<qlora_cuda::Device>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    if let Some(k) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&dev.id()) {
+    if let Some(k) = cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&dev.id())
+    {
         return Ok(Arc::clone(k));
     }
     let k = Arc::new(qlora_cuda::Device::with_stream(dev.cuda_stream())?);
@@ -91,7 +95,10 @@ impl std::fmt::Debug for CudaWeight {
             .field("shape", &(self.out_features, self.in_features))
             .field("quant_type", &self.quant_type)
             .field("blocksize", &self.blocksize)
-            .field("double_quant", &matches!(self.scales, DeviceScales::Double { .. }))
+            .field(
+                "double_quant",
+                &matches!(self.scales, DeviceScales::Double { .. }),
+            )
             .finish()
     }
 }
@@ -219,11 +226,10 @@ impl CudaWeight {
         let mut out = tile
             .try_slice_mut(0..n)
             .ok_or_else(|| Error::Cuda("tile buffer too small".into()))?;
-        // The scale views borrow `self`; they live in boxes only for this call.
         let scales = OwnedScales::new(self, e0, n)?;
         self.kernels.dequantize_4bit(
             &packed,
-            scales.get(self),
+            scales.get(),
             self.quant_type,
             self.blocksize,
             &mut out,
@@ -238,10 +244,13 @@ enum OwnedScales<'a> {
     Double {
         qabsmax: cudarc::driver::CudaView<'a, u8>,
         nested_absmax: cudarc::driver::CudaView<'a, f32>,
+        nested_code: &'a CudaSlice<f32>,
+        offset: f32,
     },
 }
 
 impl<'a> OwnedScales<'a> {
+    /// The scales of weight elements `[e0, e0 + n)`, `e0` on a tile unit.
     fn new(w: &'a CudaWeight, e0: usize, n: usize) -> Result<Self> {
         let bs = w.blocksize;
         let (b0, nb) = (e0 / bs, n.div_ceil(bs));
@@ -253,7 +262,8 @@ impl<'a> OwnedScales<'a> {
             DeviceScales::Double {
                 qabsmax,
                 nested_absmax,
-                ..
+                nested_code,
+                offset,
             } => {
                 let (n0, nn) = (b0 / 256, nb.div_ceil(256));
                 OwnedScales::Double {
@@ -261,32 +271,27 @@ impl<'a> OwnedScales<'a> {
                     nested_absmax: nested_absmax
                         .try_slice(n0..n0 + nn)
                         .ok_or_else(out_of_range)?,
+                    nested_code,
+                    offset: *offset,
                 }
             }
         })
     }
 
-    fn get<'b>(&'b self, w: &'b CudaWeight) -> Scales<'b> {
-        match (self, &w.scales) {
-            (OwnedScales::Absmax(a), _) => Scales::Absmax(a),
-            (
-                OwnedScales::Double {
-                    qabsmax,
-                    nested_absmax,
-                },
-                DeviceScales::Double {
-                    nested_code,
-                    offset,
-                    ..
-                },
-            ) => Scales::Double {
+    fn get(&self) -> Scales<'_> {
+        match self {
+            OwnedScales::Absmax(a) => Scales::Absmax(a),
+            OwnedScales::Double {
                 qabsmax,
                 nested_absmax,
                 nested_code,
+                offset,
+            } => Scales::Double {
+                qabsmax,
+                nested_absmax,
+                nested_code: *nested_code,
                 offset: *offset,
             },
-            // `new` builds the variant of the weight's own scales.
-            (OwnedScales::Double { .. }, DeviceScales::Absmax(_)) => w.all_scales(),
         }
     }
 }
@@ -732,9 +737,9 @@ macro_rules! with_mem {
         match $mem {
             StateMem::Device($v) => $body,
             StateMem::Paged(buf) => {
-                let bytes = buf.unified_mut().ok_or_else(|| {
-                    Error::Optimizer("paged state outside a CUDA pool".into())
-                })?;
+                let bytes = buf
+                    .unified_mut()
+                    .ok_or_else(|| Error::Optimizer("paged state outside a CUDA pool".into()))?;
                 let mut managed = Managed::new(bytes, $len)?;
                 let $v = &mut managed;
                 $body

@@ -240,12 +240,10 @@ impl Linear4bit {
     /// tests, merges and inspection, never needed by `forward`.
     pub fn dequantize(&self) -> Result<Tensor> {
         let w = self.base.to_f32()?;
-        Ok(Tensor::from_vec(
-            w,
-            (self.out_features(), self.in_features()),
-            &Device::Cpu,
-        )?
-        .to_device(&self.device)?)
+        Ok(
+            Tensor::from_vec(w, (self.out_features(), self.in_features()), &Device::Cpu)?
+                .to_device(&self.device)?,
+        )
     }
 
     pub(crate) fn base(&self) -> &Arc<BaseWeight> {

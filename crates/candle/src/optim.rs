@@ -88,12 +88,17 @@ impl<S: StateStorage> AdamVars<S> {
                     )))
                 }
             }
-            let supported = var.device().is_cpu() || (cfg!(feature = "cuda") && var.device().is_cuda());
+            let supported =
+                var.device().is_cpu() || (cfg!(feature = "cuda") && var.device().is_cuda());
             if !supported {
                 return Err(Error::Optimizer(format!(
                     "variable {i} is on {}; this build updates {} variables only",
                     device_name(var.device()),
-                    if cfg!(feature = "cuda") { "CPU and CUDA" } else { "CPU" }
+                    if cfg!(feature = "cuda") {
+                        "CPU and CUDA"
+                    } else {
+                        "CPU"
+                    }
                 )));
             }
             let id = opt.add_param(0, var.elem_count())?;

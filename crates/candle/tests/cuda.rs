@@ -107,7 +107,11 @@ fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 fn linear4bit_case(dev: &Device, out_f: usize, in_f: usize, options: QuantizeOptions) {
-    let w = values(out_f * in_f, (out_f * in_f) as u64, 1.0 / (in_f as f32).sqrt());
+    let w = values(
+        out_f * in_f,
+        (out_f * in_f) as u64,
+        1.0 / (in_f as f32).sqrt(),
+    );
     let q = QuantizedTensor::quantize(&w, &[out_f, in_f], options).unwrap();
     let cpu = Linear4bit::new(q, None).unwrap();
     let cuda = cpu.to_device(dev).unwrap();
@@ -207,8 +211,14 @@ fn cuda_linear4bit_over_several_tiles() {
     let y_cpu = cpu.forward(&x).unwrap();
     let (a, b) = (host(&y), host(&y_cpu));
     let max = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = a.iter().zip(&b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-    assert!(diff <= 1e-5 * max.max(1.0), "forward: max diff {diff} (max {max})");
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+    assert!(
+        diff <= 1e-5 * max.max(1.0),
+        "forward: max diff {diff} (max {max})"
+    );
     // Input gradient against the CPU layer's (both f32).
     let g = Tensor::from_vec(values(n * out_f, 4, 1.0), (n, out_f), &Device::Cpu).unwrap();
     let dx = (&y * g.to_device(&dev).unwrap())
@@ -231,10 +241,16 @@ fn cuda_linear4bit_over_several_tiles() {
         .iter()
         .zip(&dx_cpu)
         .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-    assert!(diff <= 1e-5 * max.max(1.0), "input gradient: max diff {diff}");
+    assert!(
+        diff <= 1e-5 * max.max(1.0),
+        "input gradient: max diff {diff}"
+    );
     // The device holds the codes and scales only: 4.127 bits per weight with NF4 + DQ.
     let bits = 8.0 * cuda.device_bytes() as f64 / (out_f * in_f) as f64;
-    assert!((bits - cuda.bits_per_weight()).abs() < 1e-3, "{bits} bits per weight");
+    assert!(
+        (bits - cuda.bits_per_weight()).abs() < 1e-3,
+        "{bits} bits per weight"
+    );
 }
 
 fn lora_grads(layer: &LoraLinear, x: &Tensor, g: &Tensor) -> Vec<Vec<f32>> {
@@ -399,7 +415,11 @@ macro_rules! trajectory_case {
         for step in 0..4 {
             run(&cpu_vars, &mut cpu, step..step + 1);
             run(&gpu_vars, &mut gpu, step..step + 1);
-            assert_eq!(bits(&gpu_vars), bits(&cpu_vars), "{name}: parameters after step {step}");
+            assert_eq!(
+                bits(&gpu_vars),
+                bits(&cpu_vars),
+                "{name}: parameters after step {step}"
+            );
             assert_eq!(
                 gpu.$state().state_to_bytes().unwrap(),
                 cpu.$state().state_to_bytes().unwrap(),
@@ -430,8 +450,16 @@ macro_rules! trajectory_case {
         run(&cpu_vars, &mut cpu, 4..6);
         run(&cpu2_vars, &mut cpu2, 4..6);
         run(&gpu2_vars, &mut gpu2, 4..6);
-        assert_eq!(bits(&cpu2_vars), bits(&cpu_vars), "{name}: CPU resumed from CUDA");
-        assert_eq!(bits(&gpu2_vars), bits(&cpu_vars), "{name}: CUDA resumed from CPU");
+        assert_eq!(
+            bits(&cpu2_vars),
+            bits(&cpu_vars),
+            "{name}: CPU resumed from CUDA"
+        );
+        assert_eq!(
+            bits(&gpu2_vars),
+            bits(&cpu_vars),
+            "{name}: CUDA resumed from CPU"
+        );
         assert_eq!(
             gpu2.$state().state_to_bytes().unwrap(),
             cpu.$state().state_to_bytes().unwrap(),
@@ -475,8 +503,12 @@ fn cuda_mixed_devices_are_errors() {
         let err = layer.forward(x).unwrap_err().to_string();
         assert!(err.contains("expected a tensor on"), "{err}");
     }
-    let lora = LoraLinear::new(cuda.clone(), LoraParams::new(4, 8.0), LoraInit::Default { seed: 0 })
-        .unwrap();
+    let lora = LoraLinear::new(
+        cuda.clone(),
+        LoraParams::new(4, 8.0),
+        LoraInit::Default { seed: 0 },
+    )
+    .unwrap();
     let err = lora.forward_mode(&x_cpu, Mode::Eval).unwrap_err();
     assert!(matches!(err, Error::Device { .. }), "{err}");
     // One optimizer, one device.
@@ -485,7 +517,10 @@ fn cuda_mixed_devices_are_errors() {
         Var::from_tensor(&x_gpu).unwrap(),
     ];
     let err = AdamW8bit::new(vars, params()).unwrap_err().to_string();
-    assert!(err.contains("one optimizer updates the variables of one device"), "{err}");
+    assert!(
+        err.contains("one optimizer updates the variables of one device"),
+        "{err}"
+    );
     // A gradient of another dtype than its variable, and one on the CPU.
     let v = Var::from_tensor(&x_gpu).unwrap();
     let mut opt = AdamW32bit::new(vec![v.clone()], params()).unwrap();
