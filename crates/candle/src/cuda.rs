@@ -149,11 +149,6 @@ impl CudaWeight {
         })
     }
 
-    /// The candle device holding the weight.
-    pub(crate) fn device(&self) -> &CudaDevice {
-        &self.device
-    }
-
     /// Bytes held on the device (codes and scales).
     pub(crate) fn device_bytes(&self) -> usize {
         self.packed.len()
@@ -808,11 +803,6 @@ impl CudaAdam {
         })
     }
 
-    /// The device.
-    pub(crate) fn device(&self) -> &CudaDevice {
-        &self.device
-    }
-
     /// Bytes of all states (device memory plus paged blocks).
     pub(crate) fn state_bytes(&self) -> usize {
         self.states
@@ -828,14 +818,6 @@ impl CudaAdam {
                 DevTensors::Full32bit { state1, state2 } => state1.bytes() + state2.bytes(),
             })
             .sum()
-    }
-
-    /// The step count of variable `i` (0 before its first update).
-    pub(crate) fn step_of(&self, i: usize) -> u32 {
-        self.states
-            .get(i)
-            .and_then(|s| s.as_ref())
-            .map_or(0, |s| s.step)
     }
 
     /// The pool a state of `numel` elements is carved from (paged optimizers page only states of
@@ -928,10 +910,7 @@ impl CudaAdam {
             params,
         };
         param.inplace_op2(grad, &op)?;
-        drop(op);
-        if let Some(s) = self.states[i].as_mut() {
-            s.step = step;
-        }
+        op.state.into_inner().step = step;
         Ok(())
     }
 

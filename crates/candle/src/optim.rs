@@ -39,7 +39,7 @@ pub struct AdamVars<S: StateStorage> {
 }
 
 /// Where the states of a paged optimizer go when its variables are on a CUDA device.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum Paging {
     /// Not a paged optimizer.
     No,
