@@ -53,7 +53,9 @@ export PATH="$root/bin:$PATH"
 export NVCC="$root/bin/nvcc"
 export CUDA_ROOT="$root" CUDA_PATH="$root" CUDA_HOME="$root"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
-export LIBRARY_PATH="$root/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+# The linker finds the stub through LIBRARY_PATH too (cudarc's build script lists only the
+# library folders that existed when it first ran).
+export LIBRARY_PATH="$root/lib:$root/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export LD_LIBRARY_PATH="$root/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cd "$(dirname "$0")/.."
 if [[ $# -eq 0 ]]; then
