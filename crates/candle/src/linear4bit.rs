@@ -85,6 +85,30 @@ impl Linear4bit {
     /// (see [`Linear4bit`]'s CUDA notes). `Device::Cpu` gives a CPU layer again. A host copy
     /// of the codes stays with the layer ([`weight`](Self::weight), merges).
     ///
+    /// ```
+    /// use candle_core::{Device, Module, Tensor};
+    /// use qlora_candle::Linear4bit;
+    /// use qlora_codec::QuantizeOptions;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // The first GPU when there is one (and this build has the `cuda` feature), else the CPU.
+    /// let dev = Device::new_cuda(0).unwrap_or(Device::Cpu);
+    /// let w = Tensor::randn(0f32, 0.05, (64, 256), &Device::Cpu)?;
+    /// let layer = Linear4bit::from_tensor(&w, None, QuantizeOptions::qlora())?.to_device(&dev)?;
+    /// let x = Tensor::randn(0f32, 1.0, (8, 256), &dev)?;
+    /// let y = layer.forward(&x)?;
+    /// assert!(y.device().same_device(&dev));
+    /// // The same numbers as the CPU layer, up to summation order.
+    /// let cpu = layer.to_device(&Device::Cpu)?;
+    /// let diff = (y.to_device(&Device::Cpu)? - cpu.forward(&x.to_device(&Device::Cpu)?)?)?
+    ///     .abs()?
+    ///     .max_all()?
+    ///     .to_scalar::<f32>()?;
+    /// assert!(diff < 1e-4);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// [`Error::Device`] for a Metal device, or a CUDA device in a build without the `cuda`
     /// feature; [`Error::Cuda`] if the upload or the kernels' loading fails.
