@@ -94,6 +94,10 @@ if [[ "${QLORA_CANDLE_CUDA:-1}" != "0" ]]; then
         toolkit="$(cd "$(dirname "$nvcc_bin")/.." && pwd)"
         export PATH="$toolkit/bin:$PATH" CUDA_HOME="$toolkit" CUDA_ROOT="$toolkit"
         export CUDA_PATH="$toolkit"
+        # cuBLAS, cuRAND and NVRTC are link-time dependencies of this build (cudarc's
+        # `dynamic-linking`, candle's choice): the linker and the loader must find them.
+        export LIBRARY_PATH="$toolkit/lib64:$toolkit/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+        export LD_LIBRARY_PATH="$toolkit/lib64:$toolkit/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
         candle_cargo=(cargo)
         phase "qlora-candle CUDA: system toolkit $toolkit, compute capability $CUDA_COMPUTE_CAP"
     elif compgen -G "${CUDA_VENV:-/work/cuda13}/lib/python3*/site-packages/nvidia/cu13/bin/nvcc" \
