@@ -204,46 +204,34 @@ fn cuda_linear4bit_over_several_tiles() {
     let q = QuantizedTensor::quantize(&w, &[out_f, in_f], QuantizeOptions::qlora()).unwrap();
     let cpu = Linear4bit::new(q, None).unwrap();
     let cuda = cpu.to_device(&dev).unwrap();
+    let wd = host(&cpu.dequantize().unwrap());
     let n = 9;
-    let x = Tensor::from_vec(values(n * in_f, 3, 1.0), (n, in_f), &Device::Cpu).unwrap();
-    let xv = Var::from_tensor(&x.to_device(&dev).unwrap()).unwrap();
+    let x_host = values(n * in_f, 3, 1.0);
+    let x = Tensor::from_vec(x_host.clone(), (n, in_f), &dev).unwrap();
+    let xv = Var::from_tensor(&x).unwrap();
     let y = cuda.forward(xv.as_tensor()).unwrap();
-    let y_cpu = cpu.forward(&x).unwrap();
-    let (a, b) = (host(&y), host(&y_cpu));
-    let max = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = a
-        .iter()
-        .zip(&b)
-        .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-    assert!(
-        diff <= 1e-5 * max.max(1.0),
-        "forward: max diff {diff} (max {max})"
+    assert_product(
+        "forward, two tiles",
+        &host(&y),
+        &x_host,
+        &wd,
+        n,
+        in_f,
+        DType::F32,
     );
-    // Input gradient against the CPU layer's (both f32).
-    let g = Tensor::from_vec(values(n * out_f, 4, 1.0), (n, out_f), &Device::Cpu).unwrap();
-    let dx = (&y * g.to_device(&dev).unwrap())
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let dx = host(dx.get(xv.as_tensor()).unwrap());
-    let xc = Var::from_tensor(&x).unwrap();
-    let dx_cpu = (cpu.forward(xc.as_tensor()).unwrap() * &g)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let dx_cpu = host(dx_cpu.get(xc.as_tensor()).unwrap());
-    let max = dx_cpu.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = dx
-        .iter()
-        .zip(&dx_cpu)
-        .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-    assert!(
-        diff <= 1e-5 * max.max(1.0),
-        "input gradient: max diff {diff}"
+    let g_host = values(n * out_f, 4, 1.0);
+    let g = Tensor::from_vec(g_host.clone(), (n, out_f), &dev).unwrap();
+    let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let dx = host(grads.get(xv.as_tensor()).unwrap());
+    let wd_t = transpose(&wd, out_f, in_f);
+    assert_product(
+        "input gradient, two tiles",
+        &dx,
+        &g_host,
+        &wd_t,
+        n,
+        out_f,
+        DType::F32,
     );
     // The device holds the codes and scales only: 4.127 bits per weight with NF4 + DQ.
     let bits = 8.0 * cuda.device_bytes() as f64 / (out_f * in_f) as f64;
