@@ -367,6 +367,19 @@ impl Device {
     /// another library's device, such as candle's `CudaDevice::cuda_stream`), every launch
     /// ordered on that stream. Compiled PTX comes from the per-process cache.
     ///
+    /// ```no_run
+    /// use qlora_cuda::cudarc::driver::CudaContext;
+    /// use qlora_cuda::Device;
+    ///
+    /// # fn main() -> Result<(), qlora_cuda::CudaError> {
+    /// let ctx = CudaContext::new(0)?;
+    /// let stream = ctx.new_stream()?; // e.g. the stream of candle's `CudaDevice::cuda_stream()`
+    /// let dev = Device::with_stream(stream.clone())?;
+    /// assert!(std::sync::Arc::ptr_eq(dev.stream(), &stream));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// [`CudaError::NvrtcUnavailable`], [`CudaError::Compile`] or [`CudaError::Driver`].
     pub fn with_stream(stream: Arc<CudaStream>) -> Result<Self, CudaError> {
