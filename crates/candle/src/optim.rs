@@ -236,6 +236,15 @@ impl<S: StateStorage> AdamVars<S> {
     /// Load states saved by [`save_state`](Self::save_state) for the same variables (shapes,
     /// kinds and names checked; a corrupt file is an error, never a panic).
     pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if self.cuda.is_some() {
+            let path = path.as_ref();
+            let bytes = std::fs::read(path).map_err(|source| qlora_optim::Error::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+            return self.load_state_bytes(&bytes);
+        }
         Ok(self.opt.load_state(path)?)
     }
 

@@ -425,16 +425,24 @@ macro_rules! trajectory_case {
         for (a, b) in cpu2_vars.iter().zip(&cpu_vars) {
             a.set(b.as_tensor()).unwrap();
         }
+        let dir = tempfile::tempdir().unwrap();
+        let gpu_file = dir.path().join("gpu.safetensors");
+        gpu.$state().save_state(&gpu_file).unwrap();
+        assert_eq!(
+            std::fs::read(&gpu_file).unwrap(),
+            saved,
+            "{name}: saved file"
+        );
         let mut cpu2 = <$opt>::new(cpu2_vars.clone(), params()).unwrap();
-        cpu2.state_mut().load_state_bytes(&saved).unwrap();
+        cpu2.state_mut().load_state(&gpu_file).unwrap();
         let gpu2_vars = make_vars(dev);
         for (a, b) in gpu2_vars.iter().zip(&gpu_vars) {
             a.set(b.as_tensor()).unwrap();
         }
         let mut gpu2 = <$opt>::new(gpu2_vars.clone(), params()).unwrap();
-        gpu2.state_mut()
-            .load_state_bytes(&cpu.$state().state_to_bytes().unwrap())
-            .unwrap();
+        let cpu_file = dir.path().join("cpu.safetensors");
+        cpu.$state().save_state(&cpu_file).unwrap();
+        gpu2.state_mut().load_state(&cpu_file).unwrap();
         run(&cpu_vars, &mut cpu, 4..6);
         run(&cpu2_vars, &mut cpu2, 4..6);
         run(&gpu2_vars, &mut gpu2, 4..6);
