@@ -113,7 +113,9 @@
 //!
 //! Mixed devices are errors ([`Error::Device`], [`Error::Optimizer`]). `tests/cuda.rs` checks all
 //! of it against the CPU path on a GPU (skipped without one), `examples/cuda_bench.rs` measures
-//! the GPU targets; both run in `scripts/gpu-check.sh`.
+//! the GPU targets; both run in `scripts/gpu-check.sh`. As of this writing the CUDA paths have
+//! been compiled and linted (CUDA 13.0, sm_90) but not yet run on a GPU: the crate README's
+//! status says what has been checked.
 //!
 //! # Models, data and training
 //!
