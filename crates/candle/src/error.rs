@@ -67,6 +67,16 @@ pub enum Error {
     /// An error of candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A CUDA failure (feature `cuda`): a kernel launcher's refusal or a driver / cuBLAS error.
+    #[error("cuda: {0}")]
+    Cuda(String),
+}
+
+#[cfg(feature = "cuda")]
+impl From<qlora_cuda::CudaError> for Error {
+    fn from(e: qlora_cuda::CudaError) -> Self {
+        Error::Cuda(e.to_string())
+    }
 }
 
 /// Shorthand for this crate's results.

@@ -57,7 +57,7 @@
 //!
 //! | feature | what |
 //! |---|---|
-//! | `cuda` | candle's CUDA backend (`candle-core/cuda`, built with nvcc) together with ours (`qlora-cuda`, the CUDA pool of `qlora-paged-alloc`), linked into one binary: our cudarc uses `fallback-dynamic-loading`, so candle's `dynamic-linking` decides. See "CUDA" below for what runs on a GPU today. |
+//! | `cuda` | candle's CUDA backend (`candle-core/cuda`, built with nvcc) together with ours (`qlora-cuda`, the CUDA pool of `qlora-paged-alloc`), linked into one binary through cudarc's `dynamic-linking` (candle's choice; `qlora-cuda/dynamic-linking`, `qlora-paged-alloc/dynamic-linking`), and the CUDA paths of the layers and optimizers (see "CUDA" below). |
 //!
 //! # Agreement (tests in `tests/`)
 //!
@@ -98,16 +98,24 @@
 //!
 //! # CUDA
 //!
-//! Not yet. Building with `cuda` needs a CUDA toolkit for candle's kernels (the README of this
-//! crate says how, with the CUDA 13.0 pip wheels); that build has not been compiled on the
-//! development machine, which has no toolkit, and the CUDA paths are not written: the layers'
-//! custom ops have only a CPU forward, and [`Linear4bit`], [`LoraLinear`] and the optimizers
-//! refuse tensors and `Var`s on a CUDA device with [`Error::Device`] / [`Error::Optimizer`]
-//! instead of moving data behind the caller's back. The plan for that side: `cuda_fwd` of the
-//! 4-bit op dequantizing tiles with `qlora-cuda`'s kernel into a bf16/f16 buffer for candle's
-//! cuBLAS matmul (the fused GEMV for ≤ 4 tokens), the optimizers' `cuda_fwd` launching
-//! `qlora-cuda`'s 8/32-bit AdamW kernels on the `Var`'s `CudaSlice` in place, and paged states
-//! in a `qlora-paged-alloc` managed-memory pool.
+//! With the `cuda` feature (a CUDA toolkit is needed to build it: the crate README has the recipe
+//! with the CUDA 13.0 pip wheels, `scripts/build-candle-cuda.sh`):
+//!
+//! * [`Linear4bit::to_device`] uploads the codes and scales to a CUDA device once; the custom
+//!   op's `cuda_fwd` then launches `qlora-cuda`'s kernels on candle's own stream, in the input's
+//!   dtype: the fused 4-bit GEMV for ≤ 4 tokens, otherwise a bounded tile of weight rows
+//!   dequantized into the input's dtype and multiplied by cuBLAS (`cublasGemmEx` on candle's
+//!   handle, f32 accumulation); the backward (input gradient) accumulates the tiles in f32.
+//! * [`LoraLinear`] over a CUDA base holds its `Var`s on that device (candle's ops).
+//! * The optimizers over `Var`s of one CUDA device keep their states there (paged ones in a
+//!   `qlora-paged-alloc` CUDA pool) and update each `Var` in place with `qlora-cuda`'s 8-bit /
+//!   32-bit AdamW kernels; their state files are the CPU path's.
+//!
+//! Mixed devices are errors ([`Error::Device`], [`Error::Optimizer`]). `tests/cuda.rs` checks all
+//! of it against the CPU path on a GPU (skipped without one), `examples/cuda_bench.rs` measures
+//! the GPU targets; both run in `scripts/gpu-check.sh`. As of this writing the CUDA paths have
+//! been compiled and linted (CUDA 13.0, sm_90) but not yet run on a GPU: the crate README's
+//! status says what has been checked.
 //!
 //! # Models, data and training
 //!
@@ -126,6 +134,8 @@
 //!   loss over a dataset, and seeded sampling of text.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod data;
 pub mod error;
 pub mod finetune;

@@ -17,6 +17,14 @@ use std::sync::Arc;
 /// by the same tiles; the weight itself is frozen and gets no gradient. Inputs of any leading
 /// shape `[…, in]` in f32, bf16 or f16 are computed in f32 and returned in their own dtype.
 ///
+/// **On a CUDA device** (feature `cuda`, [`to_device`](Self::to_device)) the codes and scales
+/// live on the device once, and the op runs in the input's dtype (f32, bf16 or f16) on candle's
+/// stream: for at most 4 tokens `qlora-cuda`'s fused 4-bit GEMV (no tile); otherwise a run of
+/// weight rows (at most 2²⁵ elements, 64 MiB in bf16) is dequantized by `qlora-cuda`'s kernel
+/// into a scratch tile of the input's dtype and multiplied by cuBLAS (`cublasGemmEx`, f32
+/// accumulation), tile after tile. The input gradient `G·deq(W)` accumulates the tiles'
+/// products in f32 and is rounded to the input's dtype once.
+///
 /// Cloning is cheap: the codes are shared.
 ///
 /// ```
@@ -41,6 +49,10 @@ use std::sync::Arc;
 pub struct Linear4bit {
     base: Arc<BaseWeight>,
     bias: Option<Tensor>,
+    device: Device,
+    /// The codes and scales on the CUDA device (`device`), uploaded once.
+    #[cfg(feature = "cuda")]
+    cuda: Option<Arc<crate::cuda::CudaWeight>>,
 }
 
 impl Linear4bit {
@@ -61,7 +73,78 @@ impl Linear4bit {
         Ok(Linear4bit {
             base: Arc::new(base),
             bias,
+            device: Device::Cpu,
+            #[cfg(feature = "cuda")]
+            cuda: None,
         })
+    }
+
+    /// The same layer on `device`: on a CUDA device (feature `cuda`) the codes and scales are
+    /// uploaded once (4.127 bits per weight with NF4, block 64, double quant; nothing is
+    /// dequantized) and the bias moved; the forward then runs there, in the input's dtype
+    /// (see [`Linear4bit`]'s CUDA notes). `Device::Cpu` gives a CPU layer again. A host copy
+    /// of the codes stays with the layer ([`weight`](Self::weight), merges).
+    ///
+    /// ```
+    /// use candle_core::{Device, Module, Tensor};
+    /// use qlora_candle::Linear4bit;
+    /// use qlora_codec::QuantizeOptions;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // The first GPU when there is one (and this build has the `cuda` feature), else the CPU.
+    /// let dev = Device::new_cuda(0).unwrap_or(Device::Cpu);
+    /// let w = Tensor::randn(0f32, 0.05, (64, 256), &Device::Cpu)?;
+    /// let layer = Linear4bit::from_tensor(&w, None, QuantizeOptions::qlora())?.to_device(&dev)?;
+    /// let x = Tensor::randn(0f32, 1.0, (8, 256), &dev)?;
+    /// let y = layer.forward(&x)?;
+    /// assert!(y.device().same_device(&dev));
+    /// // The same numbers as the CPU layer, up to summation order.
+    /// let cpu = layer.to_device(&Device::Cpu)?;
+    /// let diff = (y.to_device(&Device::Cpu)? - cpu.forward(&x.to_device(&Device::Cpu)?)?)?
+    ///     .abs()?
+    ///     .max_all()?
+    ///     .to_scalar::<f32>()?;
+    /// assert!(diff < 1e-4);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Device`] for a Metal device, or a CUDA device in a build without the `cuda`
+    /// feature; [`Error::Cuda`] if the upload or the kernels' loading fails.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        if device.same_device(&self.device) {
+            return Ok(self.clone());
+        }
+        let bias = self.bias.as_ref().map(|b| b.to_device(device)).transpose();
+        match device {
+            Device::Cpu => Ok(Linear4bit {
+                base: Arc::clone(&self.base),
+                bias: bias?,
+                device: Device::Cpu,
+                #[cfg(feature = "cuda")]
+                cuda: None,
+            }),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(dev) => {
+                let w = crate::cuda::CudaWeight::upload(self.weight(), dev)?;
+                Ok(Linear4bit {
+                    base: Arc::clone(&self.base),
+                    bias: bias?,
+                    device: device.clone(),
+                    cuda: Some(Arc::new(w)),
+                })
+            }
+            other => Err(Error::Device {
+                what: "Linear4bit::to_device".into(),
+                expected: if cfg!(feature = "cuda") {
+                    "cpu or cuda".into()
+                } else {
+                    "cpu (this build has no `cuda` feature)".into()
+                },
+                found: crate::error::device_name(other),
+            }),
+        }
     }
 
     /// Quantize a dense `[out, in]` weight (f32, bf16 or f16, on the CPU) with our codec
@@ -161,9 +244,19 @@ impl Linear4bit {
         self.weight().bits_per_param()
     }
 
-    /// The device the weight lives on (the CPU: the CUDA path is not part of this build).
+    /// The device the weight lives on (see [`to_device`](Self::to_device)).
     pub fn device(&self) -> &Device {
-        &Device::Cpu
+        &self.device
+    }
+
+    /// Bytes of the weight on its device: codes and scales, for a CUDA layer (the tile of the
+    /// forward pass is allocated per call); 0 for a CPU layer, whose codes are host memory.
+    pub fn device_bytes(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(w) = &self.cuda {
+            return w.device_bytes();
+        }
+        0
     }
 
     /// The whole dequantized weight `[out, in]` as an f32 tensor (values rounded to the weight's
@@ -171,11 +264,10 @@ impl Linear4bit {
     /// tests, merges and inspection, never needed by `forward`.
     pub fn dequantize(&self) -> Result<Tensor> {
         let w = self.base.to_f32()?;
-        Ok(Tensor::from_vec(
-            w,
-            (self.out_features(), self.in_features()),
-            &Device::Cpu,
-        )?)
+        Ok(
+            Tensor::from_vec(w, (self.out_features(), self.in_features()), &Device::Cpu)?
+                .to_device(&self.device)?,
+        )
     }
 
     pub(crate) fn base(&self) -> &Arc<BaseWeight> {
@@ -184,7 +276,16 @@ impl Linear4bit {
 
     /// `X·deq(W)ᵀ` without the bias, for any `[…, in]` input; the caller checked nothing.
     pub(crate) fn matmul(&self, xs: &Tensor) -> Result<Tensor> {
-        base_matmul(&self.base, &Device::Cpu, xs)
+        #[cfg(feature = "cuda")]
+        if let Some(w) = &self.cuda {
+            return cuda_matmul(w, &self.base, &self.device, xs);
+        }
+        base_matmul(&self.base, &self.device, xs)
+    }
+
+    /// Whether the weight lives on a CUDA device (where products run in the input's dtype).
+    pub(crate) fn is_cuda(&self) -> bool {
+        self.device.is_cuda()
     }
 }
 
@@ -198,10 +299,11 @@ impl Module for Linear4bit {
     }
 }
 
-/// Check a bias against `[out]` and keep it as f32 on the CPU.
+/// Check a bias against `[out]` and keep it as f32 on the CPU (a CUDA bias is copied to the
+/// host: [`Linear4bit::to_device`] moves the layer).
 pub(crate) fn prepare_bias(b: &Tensor, out_features: usize) -> Result<Tensor> {
     check_float("bias", b.dtype())?;
-    check_device("bias", b, &Device::Cpu)?;
+    let b = b.to_device(&Device::Cpu)?;
     if b.dims() != [out_features] {
         return Err(Error::Shape {
             what: "bias".into(),
@@ -215,9 +317,44 @@ pub(crate) fn prepare_bias(b: &Tensor, out_features: usize) -> Result<Tensor> {
 /// `X·Wᵀ` through [`BaseMatmul`], for `xs: […, in]` in f32/bf16/f16 on `device`: flattened to
 /// `[n, in]`, computed in f32, reshaped to `[…, out]` and returned in the input's dtype.
 pub(crate) fn base_matmul(base: &Arc<BaseWeight>, device: &Device, xs: &Tensor) -> Result<Tensor> {
+    let (n, out_dims) = check_input(base.in_features(), base.out_features(), device, xs)?;
+    let in_f = base.in_features();
+    let x2 = xs.to_dtype(DType::F32)?.reshape((n, in_f))?.contiguous()?;
+    let y = x2.apply_op1(BaseMatmul {
+        base: Arc::clone(base),
+        transposed: false,
+    })?;
+    Ok(y.reshape(out_dims)?.to_dtype(xs.dtype())?)
+}
+
+/// `X·Wᵀ` on the CUDA device of `w` (the upload of `base`), in the input's dtype (f32, bf16 or
+/// f16): no f32 copy of the input, the tile dequantized to the input's dtype.
+#[cfg(feature = "cuda")]
+fn cuda_matmul(
+    w: &Arc<crate::cuda::CudaWeight>,
+    base: &BaseWeight,
+    device: &Device,
+    xs: &Tensor,
+) -> Result<Tensor> {
+    let in_f = base.in_features();
+    let (n, out_dims) = check_input(in_f, base.out_features(), device, xs)?;
+    let x2 = xs.reshape((n, in_f))?.contiguous()?;
+    let y = x2.apply_op1(crate::cuda::CudaMatmul {
+        weight: Arc::clone(w),
+        transposed: false,
+    })?;
+    Ok(y.reshape(out_dims)?)
+}
+
+/// Checks `xs: […, in]` (float dtype, on `device`) and gives the row count and output dims.
+fn check_input(
+    in_f: usize,
+    out_f: usize,
+    device: &Device,
+    xs: &Tensor,
+) -> Result<(usize, Vec<usize>)> {
     check_float("input", xs.dtype())?;
     check_device("input", xs, device)?;
-    let in_f = base.in_features();
     let dims = xs.dims();
     if dims.is_empty() || dims[dims.len() - 1] != in_f {
         let mut expected = dims.to_vec();
@@ -233,13 +370,8 @@ pub(crate) fn base_matmul(base: &Arc<BaseWeight>, device: &Device, xs: &Tensor) 
     }
     let n = xs.elem_count() / in_f.max(1);
     let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("checked non-empty above") = base.out_features();
-    let x2 = xs.to_dtype(DType::F32)?.reshape((n, in_f))?.contiguous()?;
-    let y = x2.apply_op1(BaseMatmul {
-        base: Arc::clone(base),
-        transposed: false,
-    })?;
-    Ok(y.reshape(out_dims)?.to_dtype(xs.dtype())?)
+    *out_dims.last_mut().expect("checked non-empty above") = out_f;
+    Ok((n, out_dims))
 }
 
 /// The candle custom op `Y = X·Wᵀ` (or, transposed, `dX = G·W`) over a frozen base weight,

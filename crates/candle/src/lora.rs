@@ -106,7 +106,9 @@ impl LoraBase {
         device: &Device,
     ) -> Result<Self> {
         match weight {
-            BaseWeight::Quantized(q) => Ok(LoraBase::Quantized(Linear4bit::new(q, bias)?)),
+            BaseWeight::Quantized(q) => Ok(LoraBase::Quantized(
+                Linear4bit::new(q, bias)?.to_device(device)?,
+            )),
             BaseWeight::Dense {
                 data,
                 out_features,
@@ -262,7 +264,8 @@ impl LoraLinear {
                 let w = base.to_base_weight()?.to_f32()?;
                 let res = init::init_loftq(&w, out_f, in_f, &params, options)?;
                 let bias = base.bias().cloned();
-                base = LoraBase::Quantized(Linear4bit::new(res.base, bias)?);
+                let device = base.device();
+                base = LoraBase::Quantized(Linear4bit::new(res.base, bias)?.to_device(&device)?);
                 res.weights
             }
         };
@@ -501,7 +504,15 @@ impl LoraLinear {
         };
         let u = xd.matmul(&self.a.as_tensor().t()?)?;
         let l = u.matmul(&self.b.as_tensor().t()?)?;
-        let xw = self.base.matmul(&x)?;
+        // On a CUDA device the 4-bit base runs in the input's dtype (a bf16 tile and cuBLAS
+        // for bf16 activations); the adapter branch stays in f32, as on the CPU.
+        let xw = match &self.base {
+            LoraBase::Quantized(q) if q.is_cuda() => self
+                .base
+                .matmul(&xs.reshape((n, in_f))?)?
+                .to_dtype(DType::F32)?,
+            _ => self.base.matmul(&x)?,
+        };
         let y = match &self.magnitude {
             None => (xw + (l * s)?)?,
             Some(m) => {

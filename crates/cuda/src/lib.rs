@@ -26,6 +26,7 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `cuda` | `Device`: driver probe, NVRTC compilation per architecture (cached per process), safe launchers that check every length. cudarc loads `libcuda`/`libnvrtc` at run time, so building never needs CUDA. |
+//! | `dynamic-linking` | cudarc's `dynamic-linking` (candle's CUDA backend selects it; cudarc refuses it next to `dynamic-loading`, which `cuda` falls back to otherwise): libcuda and libnvrtc become link-time dependencies, so building needs a CUDA toolkit, and the probes answer "present". `qlora-candle/cuda` turns it on. |
 //! | `regenerate-bindings` | the test that regenerates `src/bindings.rs` from `cuda/qlora_kernels.h` with bindgen (needs libclang) |
 //!
 //! # Example (no GPU needed)

@@ -70,15 +70,31 @@ pub enum Availability {
 }
 
 /// Whether the NVRTC library can be loaded (no device needed).
+#[cfg(not(feature = "dynamic-linking"))]
 pub fn nvrtc_available() -> bool {
     // SAFETY: `is_culib_present` only tries to dlopen libnvrtc by its usual names and drops the
     // handle again; it calls no NVRTC function.
     unsafe { nvrtc::sys::is_culib_present() }
 }
 
+/// Whether the NVRTC library can be loaded (no device needed): always, with the
+/// `dynamic-linking` feature, where libnvrtc is a link-time dependency of the binary (the
+/// process could not have started without it).
+#[cfg(feature = "dynamic-linking")]
+pub fn nvrtc_available() -> bool {
+    true
+}
+
+#[cfg(not(feature = "dynamic-linking"))]
 fn driver_available() -> bool {
     // SAFETY: as above, for libcuda.
     unsafe { sys::is_culib_present() }
+}
+
+/// With `dynamic-linking`, libcuda is a link-time dependency: present.
+#[cfg(feature = "dynamic-linking")]
+fn driver_available() -> bool {
+    true
 }
 
 /// Probes for a usable GPU. Never panics.
@@ -343,6 +359,38 @@ impl Device {
             return Err(CudaError::NvrtcUnavailable);
         }
         let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.default_stream();
+        Self::load(stream)
+    }
+
+    /// The kernels loaded into the context of an existing `stream` (for example the stream of
+    /// another library's device, such as candle's `CudaDevice::cuda_stream`), every launch
+    /// ordered on that stream. Compiled PTX comes from the per-process cache.
+    ///
+    /// ```no_run
+    /// use qlora_cuda::cudarc::driver::CudaContext;
+    /// use qlora_cuda::Device;
+    ///
+    /// # fn main() -> Result<(), qlora_cuda::CudaError> {
+    /// let ctx = CudaContext::new(0)?;
+    /// let stream = ctx.new_stream()?; // e.g. the stream of candle's `CudaDevice::cuda_stream()`
+    /// let dev = Device::with_stream(stream.clone())?;
+    /// assert!(std::sync::Arc::ptr_eq(dev.stream(), &stream));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`CudaError::NvrtcUnavailable`], [`CudaError::Compile`] or [`CudaError::Driver`].
+    pub fn with_stream(stream: Arc<CudaStream>) -> Result<Self, CudaError> {
+        if !nvrtc_available() {
+            return Err(CudaError::NvrtcUnavailable);
+        }
+        Self::load(stream)
+    }
+
+    fn load(stream: Arc<CudaStream>) -> Result<Self, CudaError> {
+        let ctx = Arc::clone(stream.context());
         let (major, minor) = ctx.compute_capability()?;
         let arch = format!("sm_{major}{minor}");
         let mut functions = HashMap::new();
@@ -352,7 +400,6 @@ impl Device {
                 functions.insert(name, module.load_function(name)?);
             }
         }
-        let stream = ctx.default_stream();
         Ok(Self {
             ctx,
             stream,

@@ -22,9 +22,11 @@ impl CudaBackend {
     pub(crate) fn new(ordinal: usize) -> Result<Self, PoolError> {
         // SAFETY: `is_culib_present` only attempts to dlopen the driver library by its usual
         // names and drops the handle; it calls no CUDA function.
+        #[cfg(not(feature = "dynamic-linking"))]
         if !unsafe { sys::is_culib_present() } {
             return Err(PoolError::DriverUnavailable);
         }
+        // With `dynamic-linking` the driver library is a link-time dependency: present.
         result::init()?;
         let mut version = 0;
         // SAFETY: the driver library is loaded (checked above) and `version` is a valid out

@@ -57,6 +57,7 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `cuda` | `Backend::Cuda`: managed memory through cudarc (the driver is loaded at run time; building needs no CUDA toolkit) |
+//! | `dynamic-linking` | cudarc's `dynamic-linking`, for binaries that also link candle's CUDA backend (libcuda is then a link-time dependency and the driver probe answers "present"); turned on by `qlora-candle/cuda` |
 #![deny(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
