@@ -147,6 +147,7 @@ impl Module for SharedLora {
 }
 
 struct Factory<'a> {
+    device: Device,
     quantized: HashMap<String, QuantizedTensor>,
     qcfg: &'a QLoraConfig,
     adapter: AdapterConfig,
@@ -164,10 +165,14 @@ impl LinearFactory for Factory<'_> {
             // lm_head (transformers keeps it dense under load_in_4bit).
             return Ok(Box::new(candle_nn::Linear::new(weight, bias)));
         }
+        // Quantized on the host, then uploaded once (a no-op on the CPU).
+        let cpu = Device::Cpu;
+        let bias = bias.map(|b| b.to_device(&cpu)).transpose()?;
         let base = match self.quantized.remove(name) {
             Some(q) => Linear4bit::new(q, bias)?,
-            None => Linear4bit::from_tensor(&weight, bias, self.qcfg.quant)?,
+            None => Linear4bit::from_tensor(&weight.to_device(&cpu)?, bias, self.qcfg.quant)?,
         };
+        let base = base.to_device(&self.device)?;
         if self.adapter.targets(name) {
             let params = self.adapter.params_for(name);
             let seed = self.qcfg.init_seed.wrapping_add(self.layers.len() as u64);
@@ -252,13 +257,6 @@ impl QLoraModel {
     ) -> Result<Self> {
         let dir = dir.as_ref();
         qcfg.validate()?;
-        if !device.is_cpu() {
-            return Err(FinetuneError::Invalid(
-                "the 4-bit layers of this build run on the CPU only (no CUDA kernels for \
-                 candle's custom op yet): use --device cpu"
-                    .into(),
-            ));
-        }
         if !dir.is_dir() {
             return Err(FinetuneError::Io {
                 path: dir.to_path_buf(),
@@ -320,6 +318,7 @@ impl QLoraModel {
             }
         }
         let mut factory = Factory {
+            device: device.clone(),
             quantized,
             qcfg,
             adapter: qcfg.adapter_config(),

@@ -167,12 +167,12 @@ impl DemoArgs {
         }
         match self.device {
             DeviceArg::Cpu => Ok(Device::Cpu),
-            DeviceArg::Cuda => Err(DemoError::Invalid(
-                "--device cuda: this build of qlora has no CUDA backend (candle is built for \
-                 the CPU only, and the 4-bit layers and 8-bit optimizers run on the CPU); \
-                 use --device cpu"
+            DeviceArg::Cuda if !candle_core::utils::cuda_is_available() => Err(DemoError::Invalid(
+                "--device cuda: this build of qlora has no CUDA backend (candle was built \
+                     without its `cuda` feature); use --device cpu"
                     .into(),
             )),
+            DeviceArg::Cuda => Ok(Device::new_cuda(0)?),
         }
     }
 }
