@@ -83,6 +83,14 @@ impl RmsNorm {
     }
 }
 
+/// How attention hides future (and out-of-window) positions.
+enum AttentionMask {
+    /// Inside the fused CPU softmax ([`CausalSoftmax`]; f32/f64 models on the CPU).
+    Fused { window: usize },
+    /// A `[t, t]` tensor of 0 / −∞ added to the scaled scores (elsewhere).
+    Additive(Tensor),
+}
+
 struct Attention {
     q: Box<dyn Module>,
     k: Box<dyn Module>,
@@ -110,8 +118,7 @@ impl Attention {
         xs: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
-        window: usize,
+        mask: &AttentionMask,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
         let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
@@ -137,13 +144,18 @@ impl Attention {
         let (k, v) = (repeat(k)?, repeat(v)?);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let raw = q.matmul(&k.t()?.contiguous()?)?;
-        let dtype = raw.dtype();
-        let probs = if raw.device().is_cpu() && matches!(dtype, DType::F32 | DType::F64) {
+        let probs = match mask {
             // One fused pass each way; the same values as the composed form below.
-            raw.apply_op1(CausalSoftmax { scale, window })?
-        } else {
-            let scores = (raw * scale)?.broadcast_add(mask)?;
-            candle_nn::ops::softmax(&scores.to_dtype(upcast(dtype))?, D::Minus1)?.to_dtype(dtype)?
+            AttentionMask::Fused { window } => raw.apply_op1(CausalSoftmax {
+                scale,
+                window: *window,
+            })?,
+            AttentionMask::Additive(mask) => {
+                let dtype = raw.dtype();
+                let scores = (raw * scale)?.broadcast_add(mask)?;
+                candle_nn::ops::softmax(&scores.to_dtype(upcast(dtype))?, D::Minus1)?
+                    .to_dtype(dtype)?
+            }
         };
         let out = probs.matmul(&v)?;
         let out = out
@@ -469,11 +481,17 @@ impl LlamaForCausalLM {
             self.cfg.hidden_size,
         ))?;
         let (cos, sin) = self.rotary(t)?;
-        let mask = self.causal_mask(t)?;
-        let window = self.window.unwrap_or(usize::MAX);
+        // The fused CPU softmax masks by itself; elsewhere an additive mask is built once.
+        let mask = if self.device().is_cpu() && matches!(self.dtype(), DType::F32 | DType::F64) {
+            AttentionMask::Fused {
+                window: self.window.unwrap_or(usize::MAX),
+            }
+        } else {
+            AttentionMask::Additive(self.causal_mask(t)?)
+        };
         for layer in &self.layers {
             let h = layer.input_norm.forward(&x)?;
-            x = (x + layer.attn.forward(&h, &cos, &sin, &mask, window)?)?;
+            x = (x + layer.attn.forward(&h, &cos, &sin, &mask)?)?;
             let h = layer.post_norm.forward(&x)?;
             x = (x + layer.mlp.forward(&h)?)?;
         }
