@@ -13,7 +13,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::softmax::Float;
+use super::softmax::{contiguous, Float};
 
 /// `x / √(mean(x²) + eps) ⊙ w` over the last dimension of `x`; `w: [h]`.
 #[derive(Debug, Clone, Copy)]
@@ -25,13 +25,6 @@ pub(crate) struct RmsNormOp {
 #[derive(Debug, Clone, Copy)]
 struct RmsNormBackward {
     eps: f64,
-}
-
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{what}: the input is not contiguous"),
-    }
 }
 
 /// `1 / d` of a row: `d = √(Σx² · (1/n) + eps)`.

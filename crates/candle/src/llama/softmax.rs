@@ -86,10 +86,15 @@ fn rows<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<(&'a [T], u
     if t != tq {
         candle_core::bail!("{what}: the last two dimensions differ ({dims:?})");
     }
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{what}: the input is not contiguous");
-    };
-    Ok((&data[start..end], t))
+    Ok((contiguous(data, layout, what)?, t))
+}
+
+/// The elements of a contiguous `layout` in `data`; an error for a strided one.
+pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{what}: the input is not contiguous"),
+    }
 }
 
 fn forward<T: Float>(s: &[T], t: usize, scale: T, window: usize) -> Vec<T> {
