@@ -25,16 +25,10 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use qlora_candle::data::Batch;
-use qlora_candle::finetune::{peak_rss_bytes, OptimKind, QLoraConfig, QLoraModel, TrainConfig};
+use qlora_candle::finetune::{
+    peak_rss_bytes, rss_bytes, OptimKind, QLoraConfig, QLoraModel, TrainConfig,
+};
 use qlora_candle::llama::{save_pretrained, varmap_tensors, LlamaConfig, LlamaForCausalLM};
-
-/// `VmRSS` of this process in bytes.
-fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
 
 /// Resets `VmHWM` to the current RSS (Linux ≥ 4.0), so that the next [`peak_rss_bytes`] covers
 /// only what follows.

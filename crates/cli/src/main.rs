@@ -122,12 +122,7 @@ fn main() -> ExitCode {
 /// `QLORA_PRINT_PEAK_RSS=1`: print the process's peak resident set (Linux `VmHWM`) on stderr, for
 /// the memory tests of streaming conversion.
 fn print_peak_rss() {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    if let Some(kb) = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .map(|v| v.trim().trim_end_matches("kB").trim().to_string())
-    {
-        eprintln!("peak RSS: {kb} kB");
+    if let Some(bytes) = qlora_candle::finetune::peak_rss_bytes() {
+        eprintln!("peak RSS: {} kB", bytes / 1024);
     }
 }

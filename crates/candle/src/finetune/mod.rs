@@ -57,7 +57,7 @@ mod model;
 mod train;
 
 pub use job::{finetune, FinetuneEvent, FinetuneOptions, FinetuneSummary};
-pub use model::{peak_rss_bytes, MemoryReport, QLoraConfig, QLoraModel};
+pub use model::{peak_rss_bytes, rss_bytes, MemoryReport, QLoraConfig, QLoraModel};
 pub use train::{
     latest_checkpoint, LrScheduleKind, OptimKind, StepReport, TrainConfig, Trainer,
     CHECKPOINT_PREFIX, OPTIMIZER_FILE, TRAINER_STATE_FILE,
