@@ -545,27 +545,13 @@ impl CustomOp1 for CudaMatmul {
         layout: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let w = &self.weight;
-        let (rows_in, rows_out) = if self.transposed {
-            (w.out_features, w.in_features)
-        } else {
-            (w.in_features, w.out_features)
-        };
-        let &[n, k] = layout.dims() else {
-            return Err(Error::Shape {
-                what: format!("{} input (must be 2-D)", self.name()),
-                expected: vec![0, rows_in],
-                found: layout.dims().to_vec(),
-            }
-            .into());
-        };
-        if k != rows_in {
-            return Err(Error::Shape {
-                what: format!("{} input", self.name()),
-                expected: vec![n, rows_in],
-                found: vec![n, k],
-            }
-            .into());
-        }
+        let (n, rows_out) = crate::linear4bit::matmul_dims(
+            self.name(),
+            layout.dims(),
+            self.transposed,
+            w.in_features,
+            w.out_features,
+        )?;
         if storage.device.id() != w.device.id() {
             return Err(Error::Device {
                 what: format!("{} input", self.name()),

@@ -377,6 +377,40 @@ fn check_input(
 /// The candle custom op `Y = X·Wᵀ` (or, transposed, `dX = G·W`) over a frozen base weight,
 /// `X: [n, in]` f32. Each op's backward is the other one (both are linear in their input), so
 /// gradients of any order flow to the input; the weight gets none.
+/// `(n, rows_out)` of a base product's 2-D input `dims`: `X·Wᵀ` takes
+/// `[n, in_features]`, the transposed `G·W` takes `[n, out_features]`. A shape error naming `op`
+/// otherwise.
+pub(crate) fn matmul_dims(
+    op: &str,
+    dims: &[usize],
+    transposed: bool,
+    in_features: usize,
+    out_features: usize,
+) -> candle_core::Result<(usize, usize)> {
+    let (rows_in, rows_out) = if transposed {
+        (out_features, in_features)
+    } else {
+        (in_features, out_features)
+    };
+    let &[n, k] = dims else {
+        return Err(Error::Shape {
+            what: format!("{op} input (must be 2-D)"),
+            expected: vec![0, rows_in],
+            found: dims.to_vec(),
+        }
+        .into());
+    };
+    if k != rows_in {
+        return Err(Error::Shape {
+            what: format!("{op} input"),
+            expected: vec![n, rows_in],
+            found: vec![n, k],
+        }
+        .into());
+    }
+    Ok((n, rows_out))
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct BaseMatmul {
     pub(crate) base: Arc<BaseWeight>,
@@ -398,27 +432,13 @@ impl CustomOp1 for BaseMatmul {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows_in, rows_out) = if self.transposed {
-            (self.base.out_features(), self.base.in_features())
-        } else {
-            (self.base.in_features(), self.base.out_features())
-        };
-        let &[n, k] = layout.dims() else {
-            return Err(Error::Shape {
-                what: format!("{} input (must be 2-D)", self.name()),
-                expected: vec![0, rows_in],
-                found: layout.dims().to_vec(),
-            }
-            .into());
-        };
-        if k != rows_in {
-            return Err(Error::Shape {
-                what: format!("{} input", self.name()),
-                expected: vec![n, rows_in],
-                found: vec![n, k],
-            }
-            .into());
-        }
+        let (n, rows_out) = matmul_dims(
+            self.name(),
+            layout.dims(),
+            self.transposed,
+            self.base.in_features(),
+            self.base.out_features(),
+        )?;
         let CpuStorage::F32(data) = storage else {
             return Err(Error::Dtype {
                 what: format!("{} input", self.name()),
