@@ -115,20 +115,19 @@ impl<S: StateStorage> AdamVars<S> {
     /// One step over every variable with a gradient in `grads` (others keep their state and
     /// step count, as in bitsandbytes).
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
-        #[cfg(feature = "cuda")]
-        if let Some(cuda) = &mut self.cuda {
-            let hyper = *self.opt.group(0)?;
-            for (i, (var, _)) in self.vars.iter().enumerate() {
-                let Some(grad) = grads.get(var) else {
-                    continue;
-                };
-                if grad.dims() != var.dims() {
-                    return Err(Error::Shape {
-                        what: format!("gradient of variable {i}"),
-                        expected: var.dims().to_vec(),
-                        found: grad.dims().to_vec(),
-                    });
-                }
+        for (i, (var, id)) in self.vars.iter().enumerate() {
+            let Some(grad) = grads.get(var) else {
+                continue;
+            };
+            if grad.dims() != var.dims() {
+                return Err(Error::Shape {
+                    what: format!("gradient of variable {i}"),
+                    expected: var.dims().to_vec(),
+                    found: grad.dims().to_vec(),
+                });
+            }
+            #[cfg(feature = "cuda")]
+            if let Some(cuda) = &mut self.cuda {
                 if grad.dtype() != var.dtype() {
                     return Err(Error::Dtype {
                         what: format!("gradient of variable {i}"),
@@ -142,21 +141,10 @@ impl<S: StateStorage> AdamVars<S> {
                     var.device(),
                 )?;
                 let grad = grad.contiguous()?;
+                let hyper = *self.opt.group(0)?;
                 let kind = self.opt.kind_for(var.elem_count());
                 cuda.step(i, kind, var.as_tensor(), &grad, &hyper)?;
-            }
-            return Ok(());
-        }
-        for (i, (var, id)) in self.vars.iter().enumerate() {
-            let Some(grad) = grads.get(var) else {
                 continue;
-            };
-            if grad.dims() != var.dims() {
-                return Err(Error::Shape {
-                    what: format!("gradient of variable {i}"),
-                    expected: var.dims().to_vec(),
-                    found: grad.dims().to_vec(),
-                });
             }
             let grad = grad.contiguous()?;
             let op = StepOp {
