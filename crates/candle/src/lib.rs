@@ -134,6 +134,7 @@
 //!   loss over a dataset, and seeded sampling of text.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+mod cpu_op;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod data;

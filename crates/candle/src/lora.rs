@@ -2,16 +2,20 @@
 //! dense `candle_nn::Linear`), PEFT's initializations and scaling, dropout, merge, and PEFT
 //! adapter folders.
 
+use crate::cpu_op::{f32s, with_f32s};
 use crate::error::{check_device, check_float, Error, Result};
 use crate::linear4bit::Linear4bit;
-use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Shape, Tensor, Var};
 use qlora_codec::{Absmax, QuantizeOptions, QuantizedTensor};
 use qlora_lora::init::{self, LoftqOptions};
 use qlora_lora::peft::{AdapterConfig, PeftAdapter};
-use qlora_lora::{AdapterWeights, BaseWeight, DenseData, LoraParams, MergeOptions};
+use qlora_lora::{
+    AdapterWeights, BaseWeight, DenseData, ForwardCache, LoraParams, LoraView, MergeOptions,
+};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 pub use qlora_lora::Mode;
 
@@ -489,6 +493,25 @@ impl LoraLinear {
         let mut out_dims = dims.clone();
         *out_dims.last_mut().expect("dims end with in_f") = out_f;
         let x = xs.to_dtype(DType::F32)?.reshape((n, in_f))?;
+        if let (LoraBase::Quantized(q), None) = (&self.base, &self.magnitude) {
+            if !q.is_cuda() && self.a.dtype() == DType::F32 && self.b.dtype() == DType::F32 {
+                // On the CPU the whole layer is one op with its own backward (`FusedLora`).
+                let op = FusedLora {
+                    base: Arc::clone(q.base()),
+                    params: self.params,
+                    mode,
+                    cache: Mutex::new(None),
+                };
+                let y = x
+                    .contiguous()?
+                    .apply_op3(self.a.as_tensor(), self.b.as_tensor(), op)?;
+                let y = match q.bias() {
+                    Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+                    None => y,
+                };
+                return Ok(y.reshape(out_dims)?.to_dtype(xs.dtype())?);
+            }
+        }
         let s = self.scaling();
         let p = self.params.dropout;
         let seed = match mode {
@@ -558,6 +581,98 @@ impl Module for LoraLinear {
             Mode::Eval
         };
         Ok(self.forward_mode(xs, mode)?)
+    }
+}
+
+/// A plain LoRA layer over a 4-bit base on the CPU as one candle op, `(X, A, B) ↦ X·Wᵀ +
+/// s·(dropout(X)·Aᵀ)·Bᵀ` with its three gradients: `qlora-lora`'s forward and backward
+/// ([`LoraView`]), the dropout mask regenerated from the seed. candle's autograd then sees one node
+/// instead of a dozen (each of which it would zero-fill and accumulate a gradient for); the
+/// values are those of the composed form up to the order of float sums.
+struct FusedLora {
+    base: Arc<BaseWeight>,
+    params: LoraParams,
+    mode: Mode,
+    /// `U = dropout(X)·Aᵀ` from the forward pass, for the backward pass.
+    cache: Mutex<Option<ForwardCache>>,
+}
+
+impl FusedLora {
+    fn view<'a>(&'a self, a: &'a [f32], b: &'a [f32]) -> LoraView<'a> {
+        LoraView {
+            base: &self.base,
+            bias: None,
+            params: self.params,
+            a,
+            b,
+            magnitude: None,
+        }
+    }
+}
+
+fn lora_error(e: qlora_lora::Error) -> candle_core::Error {
+    candle_core::Error::from(Error::from(e))
+}
+
+impl CustomOp3 for FusedLora {
+    fn name(&self) -> &'static str {
+        "qlora-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        a: &CpuStorage,
+        la: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let &[n, _] = lx.dims() else {
+            candle_core::bail!(
+                "{}: the input must be 2-D, found {:?}",
+                self.name(),
+                lx.dims()
+            );
+        };
+        let view = self.view(f32s(a, la, "lora_A")?, f32s(b, lb, "lora_B")?);
+        let (y, cache) = view
+            .forward(f32s(x, lx, "LoRA input")?, n, self.mode)
+            .map_err(lora_error)?;
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(cache);
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((n, self.base.out_features())),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let guard = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(cache) = guard.as_ref() else {
+            candle_core::bail!("{}: backward before forward", self.name());
+        };
+        let grads = with_f32s(a, "lora_A", |a| {
+            with_f32s(b, "lora_B", |b| {
+                with_f32s(x, "LoRA input", |x| {
+                    with_f32s(grad_res, "LoRA output gradient", |g| {
+                        self.view(a, b).backward(x, cache, g).map_err(lora_error)
+                    })
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(grads.x, x.shape(), dev)?),
+            Some(Tensor::from_vec(grads.a, a.shape(), dev)?),
+            Some(Tensor::from_vec(grads.b, b.shape(), dev)?),
+        ))
     }
 }
 

@@ -96,11 +96,11 @@ pub struct LoraGrads {
 
 /// What a forward pass keeps for the backward pass. Holds `n·r` floats for LoRA
 /// (`U = dropout(X)·Aᵀ`); DoRA adds `n·out + out` (the pre-scaling output and the row norms).
-/// The dropout mask is not stored: it is regenerated from the seed.
+/// With dropout it also keeps the keep-mask as bits (`n·in/8` bytes).
 #[derive(Debug, Clone)]
 pub struct ForwardCache {
     n: usize,
-    seed: Option<u64>,
+    keep: Option<KeepBits>,
     u: Vec<f32>,
     dora: Option<DoraCache>,
 }
@@ -256,11 +256,136 @@ impl LoraLinear {
     /// Forward pass for `n` rows of input `x: [n, in]` (flatten `[batch, seq, in]` first).
     /// Returns `Y: [n, out]` and what backward needs. When merged, returns the base output only.
     pub fn forward(&self, x: &[f32], n: usize, mode: Mode) -> Result<(Vec<f32>, ForwardCache)> {
+        if self.merged.is_some() {
+            self.check_input("input x", x, n, self.base.in_features())?;
+            let mut y = vec![0.0f32; n * self.base.out_features()];
+            self.base.x_wt(x, n, &mut y, false)?;
+            add_bias(&mut y, self.bias.as_deref(), self.base.out_features());
+            return Ok((
+                y,
+                ForwardCache {
+                    n,
+                    keep: None,
+                    u: Vec::new(),
+                    dora: None,
+                },
+            ));
+        }
+        self.view().forward(x, n, mode)
+    }
+
+    /// Backward pass: given the same `x` and the cache from [`forward`](Self::forward), and
+    /// `grad_y = ∂L/∂Y: [n, out]`, returns ∂L/∂X, ∂L/∂A, ∂L/∂B (and ∂L/∂m for DoRA). W gets no
+    /// gradient. DoRA's norm is treated as a constant, as PEFT does.
+    pub fn backward(&self, x: &[f32], cache: &ForwardCache, grad_y: &[f32]) -> Result<LoraGrads> {
+        if self.merged.is_some() {
+            return Err(Error::State(
+                "backward through a merged layer: unmerge first".into(),
+            ));
+        }
+        self.view().backward(x, cache, grad_y)
+    }
+
+    /// The layer as borrowed parts ([`LoraView`]), for a caller that keeps the adapter tensors
+    /// itself.
+    fn view(&self) -> LoraView<'_> {
+        LoraView {
+            base: &self.base,
+            bias: self.bias.as_deref(),
+            params: self.params,
+            a: &self.weights.a,
+            b: &self.weights.b,
+            magnitude: self.weights.magnitude.as_deref(),
+        }
+    }
+}
+
+/// A LoRA (or DoRA) layer lent as parts: the same forward and backward as [`LoraLinear`] for a
+/// caller that owns the adapter tensors itself (a training framework's variables) and must not
+/// copy them every step. Nothing is checked at construction; [`forward`](Self::forward) and
+/// [`backward`](Self::backward) check the shapes of every part.
+///
+/// ```
+/// use qlora_lora::layer::{LoraParams, LoraView, Mode};
+/// use qlora_lora::{BaseWeight, DenseData};
+///
+/// // W = I (2×2), r = 1, A = [1, 1], B = [1, 0]ᵀ, s = alpha/r = 2.
+/// let base = BaseWeight::dense(DenseData::F32(vec![1.0, 0.0, 0.0, 1.0]), 2, 2)?;
+/// let (a, b) = ([1.0f32, 1.0], [1.0f32, 0.0]);
+/// let view = LoraView { base: &base, bias: None, params: LoraParams::new(1, 2.0), a: &a, b: &b, magnitude: None };
+/// let (y, cache) = view.forward(&[3.0, 4.0], 1, Mode::Eval)?;
+/// assert_eq!(y, [3.0 + 2.0 * 7.0, 4.0]);
+/// let grads = view.backward(&[3.0, 4.0], &cache, &[1.0, 0.0])?;
+/// assert_eq!(grads.b, [2.0 * 7.0, 0.0]); // s · gᵀ · (x·Aᵀ)
+/// # Ok::<(), qlora_lora::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct LoraView<'a> {
+    /// The frozen base weight `[out, in]`.
+    pub base: &'a BaseWeight,
+    /// The base bias `[out]`.
+    pub bias: Option<&'a [f32]>,
+    /// Hyper-parameters.
+    pub params: LoraParams,
+    /// `lora_A.weight`, `[r, in]`.
+    pub a: &'a [f32],
+    /// `lora_B.weight`, `[out, r]`.
+    pub b: &'a [f32],
+    /// DoRA's magnitude `[out]` (with `params.use_dora`).
+    pub magnitude: Option<&'a [f32]>,
+}
+
+impl LoraView<'_> {
+    fn check_input(&self, what: &str, data: &[f32], n: usize, cols: usize) -> Result<()> {
+        check_len(what, &[n, cols], data.len())?;
+        check_finite(what, data)
+    }
+
+    /// Check the parts' shapes against the base (`A: [r, in]`, `B: [out, r]`, bias and
+    /// magnitude `[out]`, a magnitude exactly when `params.use_dora`).
+    fn check_parts(&self) -> Result<()> {
+        self.params.validate()?;
         let (out_f, in_f, r) = (
             self.base.out_features(),
             self.base.in_features(),
             self.params.r,
         );
+        check_len("lora_A.weight", &[r, in_f], self.a.len())?;
+        check_len("lora_B.weight", &[out_f, r], self.b.len())?;
+        if let Some(b) = self.bias {
+            check_len("bias", &[out_f], b.len())?;
+        }
+        match (self.magnitude, self.params.use_dora) {
+            (Some(m), true) => check_len("lora_magnitude_vector", &[out_f], m.len()),
+            (None, false) => Ok(()),
+            (None, true) => Err(Error::InvalidOption {
+                option: "use_dora".into(),
+                reason: "DoRA needs a magnitude vector".into(),
+            }),
+            (Some(_), false) => Err(Error::InvalidOption {
+                option: "use_dora".into(),
+                reason: "a magnitude vector was given but use_dora is false".into(),
+            }),
+        }
+    }
+
+    fn scaling(&self) -> f32 {
+        self.params.scaling() as f32
+    }
+
+    fn weight_norm(&self) -> Result<Vec<f32>> {
+        row_norms(self.base, self.a, self.b, self.params.r, self.scaling())
+    }
+
+    /// Forward pass for `n` rows of input `x: [n, in]` (flatten `[batch, seq, in]` first).
+    /// Returns `Y: [n, out]` and what backward needs.
+    pub fn forward(&self, x: &[f32], n: usize, mode: Mode) -> Result<(Vec<f32>, ForwardCache)> {
+        let (out_f, in_f, r) = (
+            self.base.out_features(),
+            self.base.in_features(),
+            self.params.r,
+        );
+        self.check_parts()?;
         self.check_input("input x", x, n, in_f)?;
         let s = self.scaling();
         let seed = match mode {
@@ -268,35 +393,15 @@ impl LoraLinear {
             _ => None,
         };
         let mut y = vec![0.0f32; n * out_f];
-        if self.merged.is_some() {
-            self.base.x_wt(x, n, &mut y, false)?;
-            add_bias(&mut y, self.bias.as_deref(), out_f);
-            return Ok((
-                y,
-                ForwardCache {
-                    n,
-                    seed: None,
-                    u: Vec::new(),
-                    dora: None,
-                },
-            ));
-        }
-        let xd_owned = seed.map(|sd| apply_dropout(x, sd, self.params.dropout));
+        let keep = seed.map(|sd| KeepBits::new(sd, self.params.dropout, x.len()));
+        let xd_owned = keep.as_ref().map(|k| k.apply(x));
         let xd = xd_owned.as_deref().unwrap_or(x);
         // U = Xd · Aᵀ   [n, r]
-        let u = matmul::mul(
-            view(xd, n, in_f),
-            view(&self.weights.a, r, in_f).transpose(),
-            1.0,
-        );
+        let u = matmul::mul(view(xd, n, in_f), view(&self.a, r, in_f).transpose(), 1.0);
         // L = U · Bᵀ    [n, out] (unscaled)
-        let l = matmul::mul(
-            view(&u, n, r),
-            view(&self.weights.b, out_f, r).transpose(),
-            1.0,
-        );
+        let l = matmul::mul(view(&u, n, r), view(&self.b, out_f, r).transpose(), 1.0);
         self.base.x_wt(x, n, &mut y, false)?;
-        let dora = if let Some(m) = &self.weights.magnitude {
+        let dora = if let Some(m) = &self.magnitude {
             let norm = self.weight_norm()?;
             let c: Vec<f32> = m.iter().zip(&norm).map(|(m, nn)| m / nn).collect();
             // V = Xd·Wᵀ + s·L: what c multiplies.
@@ -337,30 +442,36 @@ impl LoraLinear {
                 .for_each(|(yv, lv)| *yv += lv * s);
             None
         };
-        add_bias(&mut y, self.bias.as_deref(), out_f);
-        Ok((y, ForwardCache { n, seed, u, dora }))
+        add_bias(&mut y, self.bias, out_f);
+        Ok((y, ForwardCache { n, keep, u, dora }))
     }
 
     /// Backward pass: given the same `x` and the cache from [`forward`](Self::forward), and
     /// `grad_y = ∂L/∂Y: [n, out]`, returns ∂L/∂X, ∂L/∂A, ∂L/∂B (and ∂L/∂m for DoRA). W gets no
-    /// gradient. DoRA's norm is treated as a constant, as PEFT does.
+    /// gradient. DoRA's norm is treated as a constant, as PEFT does. Errors if `x` or `grad_y`
+    /// has the wrong length or a non-finite value, or `cache` is from a pass of another shape.
     pub fn backward(&self, x: &[f32], cache: &ForwardCache, grad_y: &[f32]) -> Result<LoraGrads> {
-        if self.merged.is_some() {
-            return Err(Error::State(
-                "backward through a merged layer: unmerge first".into(),
-            ));
-        }
         let (out_f, in_f, r) = (
             self.base.out_features(),
             self.base.in_features(),
             self.params.r,
         );
         let n = cache.n;
+        self.check_parts()?;
+        if cache.u.len() != n * r || cache.dora.is_some() != self.magnitude.is_some() {
+            return Err(Error::State(format!(
+                "the forward cache is from another layer or mode ({} rows of rank {}, DoRA {}), \
+                 not this one (rank {r}, DoRA {})",
+                cache.n,
+                cache.u.len() / n.max(1),
+                cache.dora.is_some(),
+                self.magnitude.is_some()
+            )));
+        }
         self.check_input("input x", x, n, in_f)?;
         self.check_input("grad_y", grad_y, n, out_f)?;
         let s = self.scaling();
-        let p = self.params.dropout;
-        let xd_owned = cache.seed.map(|sd| apply_dropout(x, sd, p));
+        let xd_owned = cache.keep.as_ref().map(|k| k.apply(x));
         let xd = xd_owned.as_deref().unwrap_or(x);
         let (gc_owned, dm) = match &cache.dora {
             Some(d) => {
@@ -389,13 +500,13 @@ impl LoraLinear {
         // dB = s · Gcᵀ U   [out, r]
         let db = matmul::mul(view(gc, n, out_f).transpose(), view(&cache.u, n, r), s);
         // GB = Gc · B      [n, r]
-        let gb = matmul::mul(view(gc, n, out_f), view(&self.weights.b, out_f, r), 1.0);
+        let gb = matmul::mul(view(gc, n, out_f), view(&self.b, out_f, r), 1.0);
         // dA = s · GBᵀ Xd  [r, in]
         let da = matmul::mul(view(&gb, n, r).transpose(), view(xd, n, in_f), s);
         // Branch gradient wrt Xd: s·GB·A (+ (G⊙(c−1))·W for DoRA with dropout).
-        let mut dxd = matmul::mul(view(&gb, n, r), view(&self.weights.a, r, in_f), s);
+        let mut dxd = matmul::mul(view(&gb, n, r), view(&self.a, r, in_f), s);
         let mut dx = vec![0.0f32; n * in_f];
-        match (&cache.dora, cache.seed) {
+        match (&cache.dora, &cache.keep) {
             (Some(d), Some(_)) => {
                 // y = X·Wᵀ + (c−1)⊙(Xd·Wᵀ) + c⊙s·L
                 self.base.g_w(grad_y, n, &mut dx, false)?;
@@ -410,21 +521,12 @@ impl LoraLinear {
             (Some(_), None) => self.base.g_w(gc, n, &mut dx, false)?,
             (None, _) => self.base.g_w(grad_y, n, &mut dx, false)?,
         }
-        match cache.seed {
-            Some(sd) => {
-                let scale = 1.0 / (1.0 - p);
-                let keep = keep_threshold(p);
-                dx.par_chunks_mut(in_f)
-                    .zip(dxd.par_chunks(in_f))
-                    .enumerate()
-                    .for_each(|(row, (o, d))| {
-                        for (k, (o, d)) in o.iter_mut().zip(d).enumerate() {
-                            if kept(sd, (row * in_f + k) as u64, keep) {
-                                *o += d * scale;
-                            }
-                        }
-                    });
-            }
+        match &cache.keep {
+            Some(keep) => dx
+                .par_chunks_mut(CHUNK)
+                .zip(dxd.par_chunks(CHUNK))
+                .enumerate()
+                .for_each(|(c, (o, d))| keep.for_chunk(c, o, d, |o, d, m| *o += d * m)),
             None => dx
                 .par_iter_mut()
                 .zip(dxd.par_iter())
@@ -505,7 +607,7 @@ fn keep_threshold(p: f32) -> u64 {
     ((1.0 - p as f64) * 4_294_967_296.0) as u64
 }
 
-#[inline]
+#[inline(always)]
 fn kept(seed: u64, i: u64, threshold: u64) -> bool {
     (mix(seed ^ mix(i.wrapping_add(0x9e37_79b9_7f4a_7c15))) >> 32) < threshold
 }
@@ -528,32 +630,87 @@ pub fn dropout_keeps(seed: u64, i: usize, p: f32) -> bool {
 /// }
 /// ```
 pub fn dropout_mask(seed: u64, p: f32, n: usize) -> Vec<f32> {
-    let scale = 1.0 / (1.0 - p);
-    let threshold = keep_threshold(p);
-    let mut out = vec![0.0f32; n];
-    out.par_chunks_mut(1 << 12).enumerate().for_each(|(c, o)| {
-        for (k, o) in o.iter_mut().enumerate() {
-            if kept(seed, (c * 4096 + k) as u64, threshold) {
-                *o = scale;
-            }
-        }
-    });
-    out
+    KeepBits::new(seed, p, n).apply(&vec![1.0f32; n])
 }
 
-fn apply_dropout(x: &[f32], seed: u64, p: f32) -> Vec<f32> {
-    let scale = 1.0 / (1.0 - p);
-    let threshold = keep_threshold(p);
-    let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(1 << 12)
-        .zip(x.par_chunks(1 << 12))
-        .enumerate()
-        .for_each(|(c, (o, xs))| {
-            for (k, (o, &v)) in o.iter_mut().zip(xs).enumerate() {
-                if kept(seed, (c * 4096 + k) as u64, threshold) {
-                    *o = v * scale;
+/// Elements per parallel task of the dropout passes (a multiple of 64).
+const CHUNK: usize = 1 << 12;
+
+/// A dropout keep-mask as bits (element `i` is bit `i % 64` of word `i / 64`): hashed once in the
+/// forward pass, then read by the backward pass (n/8 bytes).
+#[derive(Debug, Clone)]
+struct KeepBits {
+    words: Vec<u64>,
+    /// `1/(1−p)`.
+    scale: f32,
+}
+
+impl KeepBits {
+    fn new(seed: u64, p: f32, n: usize) -> Self {
+        let threshold = keep_threshold(p);
+        let mut words = vec![0u64; n.div_ceil(64)];
+        words
+            .par_chunks_mut(CHUNK / 64)
+            .enumerate()
+            .for_each(|(c, ws)| fill_words(seed, threshold, (c * CHUNK) as u64, ws));
+        KeepBits {
+            words,
+            scale: 1.0 / (1.0 - p),
+        }
+    }
+
+    /// `f(out[j], src[j], m_j)` over chunk `c` (elements `c·CHUNK ..`), `m_j` the multiplier of
+    /// element j: `1/(1−p)` if kept, else 0 (one table row per 8 elements; no branches).
+    #[inline]
+    fn for_chunk(&self, c: usize, out: &mut [f32], src: &[f32], f: impl Fn(&mut f32, f32, f32)) {
+        let words = &self.words[c * (CHUNK / 64)..];
+        for (w, (o64, s64)) in out.chunks_mut(64).zip(src.chunks(64)).enumerate() {
+            let bytes = words[w].to_le_bytes();
+            for (b, (o8, s8)) in o64.chunks_mut(8).zip(s64.chunks(8)).enumerate() {
+                let ones = &KEEP_TABLE[bytes[b] as usize];
+                for ((o, &x), &one) in o8.iter_mut().zip(s8).zip(ones) {
+                    f(o, x, one * self.scale);
                 }
             }
-        });
-    out
+        }
+    }
+
+    /// `Xd = dropout(X)`.
+    fn apply(&self, x: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0f32; x.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(c, (o, xs))| self.for_chunk(c, o, xs, |o, x, m| *o = x * m));
+        out
+    }
+}
+
+/// Row `b`: the 8 bits of `b` as 1.0 / 0.0, lowest bit first.
+static KEEP_TABLE: [[f32; 8]; 256] = {
+    let mut t = [[0.0f32; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut j = 0;
+        while j < 8 {
+            if b >> j & 1 == 1 {
+                t[b][j] = 1.0;
+            }
+            j += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// The keep-bits of the 64-element words `ws`, the first element being number `first`.
+fn fill_words(seed: u64, threshold: u64, first: u64, ws: &mut [u64]) {
+    for (w, word) in ws.iter_mut().enumerate() {
+        let base = first + w as u64 * 64;
+        let mut bits = 0u64;
+        for k in 0..64u64 {
+            bits |= (kept(seed, base + k, threshold) as u64) << k;
+        }
+        *word = bits;
+    }
 }

@@ -166,7 +166,7 @@ pub mod testing;
 
 pub use base::{BaseWeight, DenseData};
 pub use error::{Error, Result};
-pub use layer::{AdapterWeights, ForwardCache, LoraGrads, LoraLinear, LoraParams, Mode};
+pub use layer::{AdapterWeights, ForwardCache, LoraGrads, LoraLinear, LoraParams, LoraView, Mode};
 pub use merge::{
     delta_weight, merge_adapter, merge_weight, MergeOptions, MergeOutput, MergeReport,
     MergedModule, RequantReport,

@@ -10,8 +10,8 @@ use candle_nn::{Init, VarBuilder, VarMap};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::attention::FusedAttention;
 use super::norm::RmsNormOp;
-use super::softmax::CausalSoftmax;
 use super::weights::{check_tensors, load_safetensors, CONFIG_FILE};
 use super::{LlamaConfig, LlamaError};
 
@@ -85,7 +85,7 @@ impl RmsNorm {
 
 /// How attention hides future (and out-of-window) positions.
 enum AttentionMask {
-    /// Inside the fused CPU softmax ([`CausalSoftmax`]; f32/f64 models on the CPU).
+    /// Inside the fused CPU attention ([`FusedAttention`]; f32/f64 models on the CPU).
     Fused { window: usize },
     /// A `[t, t]` tensor of 0 / −∞ added to the scaled scores (elsewhere).
     Additive(Tensor),
@@ -121,6 +121,15 @@ impl Attention {
         mask: &AttentionMask,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
+        if let AttentionMask::Fused { window } = mask {
+            // One op from the projections to the merged heads, with its own backward.
+            let op =
+                FusedAttention::new(self.heads, self.kv_heads, self.head_dim, *window, cos, sin)?;
+            let q = self.q.forward(xs)?.contiguous()?;
+            let k = self.k.forward(xs)?.contiguous()?;
+            let v = self.v.forward(xs)?.contiguous()?;
+            return self.o.forward(&q.apply_op3(&k, &v, op)?);
+        }
         let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
             y.reshape((b, t, heads, self.head_dim))?
                 .transpose(1, 2)?
@@ -145,11 +154,7 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let raw = q.matmul(&k.t()?.contiguous()?)?;
         let probs = match mask {
-            // One fused pass each way; the same values as the composed form below.
-            AttentionMask::Fused { window } => raw.apply_op1(CausalSoftmax {
-                scale,
-                window: *window,
-            })?,
+            AttentionMask::Fused { .. } => unreachable!("handled above"),
             AttentionMask::Additive(mask) => {
                 let dtype = raw.dtype();
                 let scores = (raw * scale)?.broadcast_add(mask)?;
@@ -573,6 +578,16 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor, LlamaE
         return Err(LlamaError::InvalidInput(
             "no labelled position (every shifted label is -100)".to_string(),
         ));
+    }
+    if device.is_cpu() && matches!(logits.dtype(), DType::F32 | DType::F64) {
+        // One fused pass each way (the same operations as the composed form below).
+        let targets = index
+            .iter()
+            .zip(&keep)
+            .map(|(&l, &k)| (k == 1.0).then_some(l))
+            .collect();
+        let op = super::loss::CausalLmLoss::new(targets, count as usize);
+        return Ok(logits.contiguous()?.apply_op1(op)?);
     }
     let n = index.len();
     let logp = candle_nn::ops::log_softmax(

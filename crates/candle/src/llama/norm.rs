@@ -13,7 +13,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::softmax::{contiguous, Float};
+use super::softmax::Float;
+use crate::cpu_op::contiguous;
 
 /// `x / √(mean(x²) + eps) ⊙ w` over the last dimension of `x`; `w: [h]`.
 #[derive(Debug, Clone, Copy)]
