@@ -22,6 +22,7 @@ mod loss;
 mod model;
 mod norm;
 mod softmax;
+mod swiglu;
 mod weights;
 
 use std::path::PathBuf;

@@ -178,7 +178,14 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let h = (self.gate.forward(xs)?.silu()? * self.up.forward(xs)?)?;
+        let (gate, up) = (self.gate.forward(xs)?, self.up.forward(xs)?);
+        let h = if gate.device().is_cpu() && matches!(gate.dtype(), DType::F32 | DType::F64) {
+            // One fused op each way (super::swiglu).
+            gate.contiguous()?
+                .apply_op2(&up.contiguous()?, super::swiglu::SwiGlu)?
+        } else {
+            (gate.silu()? * up)?
+        };
         self.down.forward(&h)
     }
 }
