@@ -14,7 +14,7 @@
 //! | item | candle idiom | underneath |
 //! |---|---|---|
 //! | [`Linear4bit`] | `Module`; forward is a `CustomOp1` whose backward gives the input gradient | `qlora-lora`'s tiled products over a `qlora-codec` `QuantizedTensor` (fused 4-bit GEMV for ≤ 4 tokens) |
-//! | [`LoraLinear`] | `Module`; `A`, `B` (and DoRA's magnitude) are `Var`s ([`LoraLinear::vars`]) | PEFT's init (default, gaussian, PiSSA, OLoRA, LoftQ), scaling (rsLoRA), dropout mask and DoRA of `qlora-lora` |
+//! | [`LoraLinear`] | `Module`; `A`, `B` (and DoRA's magnitude) are `Var`s ([`LoraLinear::vars`]); over a 4-bit base on the CPU the whole layer is one `CustomOp3` of `(X, A, B)` with its three gradients | PEFT's init (default, gaussian, PiSSA, OLoRA, LoftQ), scaling (rsLoRA), dropout mask and DoRA of `qlora-lora`; its forward/backward (`LoraView`) |
 //! | [`save_peft_adapter`], [`LoraLinear::from_peft`], [`LoraLinear::merge`] | | PEFT adapter folders (byte-identical `adapter_model.safetensors`), `merge_and_unload` |
 //! | [`AdamW8bit`], [`AdamW32bit`], [`PagedAdamW8bit`], [`PagedAdamW32bit`] | `candle_nn::Optimizer` over `Var`s, each `Var` updated in place (`InplaceOp2`) | `qlora-optim`'s `Adam` (bitsandbytes' kernels), states in a `qlora-paged-alloc` pool for the paged ones |
 //! | [`Error`] | converts into `candle_core::Error` | one error type: shapes, dtypes, devices, adapters, files |

@@ -271,6 +271,7 @@ impl LoraLinear {
                 },
             ));
         }
+        self.check_input("input x", x, n, self.base.in_features())?;
         self.view().forward(x, n, mode)
     }
 
@@ -283,6 +284,8 @@ impl LoraLinear {
                 "backward through a merged layer: unmerge first".into(),
             ));
         }
+        self.check_input("input x", x, cache.n, self.base.in_features())?;
+        self.check_input("grad_y", grad_y, cache.n, self.base.out_features())?;
         self.view().backward(x, cache, grad_y)
     }
 
@@ -303,7 +306,8 @@ impl LoraLinear {
 /// A LoRA (or DoRA) layer lent as parts: the same forward and backward as [`LoraLinear`] for a
 /// caller that owns the adapter tensors itself (a training framework's variables) and must not
 /// copy them every step. Nothing is checked at construction; [`forward`](Self::forward) and
-/// [`backward`](Self::backward) check the shapes of every part.
+/// [`backward`](Self::backward) check the shapes of every part but, unlike [`LoraLinear`], do not
+/// scan the input and gradient for non-finite values (a training loop checks its loss instead).
 ///
 /// ```
 /// use qlora_lora::layer::{LoraParams, LoraView, Mode};
@@ -336,11 +340,6 @@ pub struct LoraView<'a> {
 }
 
 impl LoraView<'_> {
-    fn check_input(&self, what: &str, data: &[f32], n: usize, cols: usize) -> Result<()> {
-        check_len(what, &[n, cols], data.len())?;
-        check_finite(what, data)
-    }
-
     /// Check the parts' shapes against the base (`A: [r, in]`, `B: [out, r]`, bias and
     /// magnitude `[out]`, a magnitude exactly when `params.use_dora`).
     fn check_parts(&self) -> Result<()> {
@@ -386,7 +385,7 @@ impl LoraView<'_> {
             self.params.r,
         );
         self.check_parts()?;
-        self.check_input("input x", x, n, in_f)?;
+        check_len("input x", &[n, in_f], x.len())?;
         let s = self.scaling();
         let seed = match mode {
             Mode::Train { seed } if self.params.dropout > 0.0 => Some(seed),
@@ -400,7 +399,8 @@ impl LoraView<'_> {
         let u = matmul::mul(view(xd, n, in_f), view(&self.a, r, in_f).transpose(), 1.0);
         // L = U · Bᵀ    [n, out] (unscaled)
         let l = matmul::mul(view(&u, n, r), view(&self.b, out_f, r).transpose(), 1.0);
-        self.base.x_wt(x, n, &mut y, false)?;
+        // `y` is fresh zeros: accumulate instead of zeroing it again.
+        self.base.x_wt(x, n, &mut y, true)?;
         let dora = if let Some(m) = &self.magnitude {
             let norm = self.weight_norm()?;
             let c: Vec<f32> = m.iter().zip(&norm).map(|(m, nn)| m / nn).collect();
@@ -449,7 +449,7 @@ impl LoraView<'_> {
     /// Backward pass: given the same `x` and the cache from [`forward`](Self::forward), and
     /// `grad_y = ∂L/∂Y: [n, out]`, returns ∂L/∂X, ∂L/∂A, ∂L/∂B (and ∂L/∂m for DoRA). W gets no
     /// gradient. DoRA's norm is treated as a constant, as PEFT does. Errors if `x` or `grad_y`
-    /// has the wrong length or a non-finite value, or `cache` is from a pass of another shape.
+    /// has the wrong length, or `cache` is from a pass of another shape.
     pub fn backward(&self, x: &[f32], cache: &ForwardCache, grad_y: &[f32]) -> Result<LoraGrads> {
         let (out_f, in_f, r) = (
             self.base.out_features(),
@@ -468,8 +468,8 @@ impl LoraView<'_> {
                 self.magnitude.is_some()
             )));
         }
-        self.check_input("input x", x, n, in_f)?;
-        self.check_input("grad_y", grad_y, n, out_f)?;
+        check_len("input x", &[n, in_f], x.len())?;
+        check_len("grad_y", &[n, out_f], grad_y.len())?;
         let s = self.scaling();
         let xd_owned = cache.keep.as_ref().map(|k| k.apply(x));
         let xd = xd_owned.as_deref().unwrap_or(x);
@@ -518,8 +518,9 @@ impl LoraView<'_> {
                 });
                 self.base.g_w(&gcm1, n, &mut dxd, true)?;
             }
-            (Some(_), None) => self.base.g_w(gc, n, &mut dx, false)?,
-            (None, _) => self.base.g_w(grad_y, n, &mut dx, false)?,
+            // `dx` is fresh zeros: accumulate instead of zeroing it again.
+            (Some(_), None) => self.base.g_w(gc, n, &mut dx, true)?,
+            (None, _) => self.base.g_w(grad_y, n, &mut dx, true)?,
         }
         match &cache.keep {
             Some(keep) => dx

@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 
 use super::softmax::Float;
 use crate::cpu_op::contiguous;
+use rayon::prelude::*;
 
 /// `x / √(mean(x²) + eps) ⊙ w` over the last dimension of `x`; `w: [h]`.
 #[derive(Debug, Clone, Copy)]
@@ -38,15 +39,22 @@ fn denom<T: Float>(row: &[T], eps: T) -> T {
     (sum * n).add(eps).sqrt()
 }
 
+/// Rows per parallel task (fixed, so that the results do not depend on the thread count).
+const ROWS: usize = 16;
+
 fn forward<T: Float>(x: &[T], w: &[T], eps: T) -> Vec<T> {
     let h = w.len();
     let mut out = vec![T::ZERO; x.len()];
-    for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
-        let d = denom(row, eps);
-        for ((o, &x), &w) in o.iter_mut().zip(row).zip(w) {
-            *o = x.div(d) * w;
-        }
-    }
+    out.par_chunks_mut(h * ROWS)
+        .zip(x.par_chunks(h * ROWS))
+        .for_each(|(out, x)| {
+            for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+                let d = denom(row, eps);
+                for ((o, &x), &w) in o.iter_mut().zip(row).zip(w) {
+                    *o = x.div(d) * w;
+                }
+            }
+        });
     out
 }
 
@@ -56,26 +64,40 @@ fn backward<T: Float>(x: &[T], w: &[T], g: &[T], eps: T) -> Vec<T> {
     let mut out = vec![T::ZERO; x.len() + h];
     let (dx, dw) = out.split_at_mut(rows * h);
     let inv_h = T::from_f64(1.0 / h as f64);
-    for ((row, g), dx) in x
-        .chunks_exact(h)
-        .zip(g.chunks_exact(h))
-        .zip(dx.chunks_exact_mut(h))
-    {
-        let d = denom(row, eps);
-        let mut dot = T::ZERO;
-        for ((&x, &g), &w) in row.iter().zip(g).zip(w) {
-            dot = dot.add(g * w * x.div(d));
-        }
-        let mean = dot * inv_h;
-        for (((dx, &x), &g), (&w, dw)) in dx
-            .iter_mut()
-            .zip(row)
-            .zip(g)
-            .zip(w.iter().zip(dw.iter_mut()))
-        {
-            let xhat = x.div(d);
-            *dx = (g * w).sub(xhat * mean).div(d);
-            *dw = dw.add(g * xhat);
+    // dx row by row in parallel; dw as one partial sum per task, added in task order.
+    let partials: Vec<Vec<T>> = dx
+        .par_chunks_mut(h * ROWS)
+        .zip(x.par_chunks(h * ROWS).zip(g.par_chunks(h * ROWS)))
+        .map(|(dx, (x, g))| {
+            let mut dw = vec![T::ZERO; h];
+            for ((row, g), dx) in x
+                .chunks_exact(h)
+                .zip(g.chunks_exact(h))
+                .zip(dx.chunks_exact_mut(h))
+            {
+                let d = denom(row, eps);
+                let mut dot = T::ZERO;
+                for ((&x, &g), &w) in row.iter().zip(g).zip(w) {
+                    dot = dot.add(g * w * x.div(d));
+                }
+                let mean = dot * inv_h;
+                for (((dx, &x), &g), (&w, dw)) in dx
+                    .iter_mut()
+                    .zip(row)
+                    .zip(g)
+                    .zip(w.iter().zip(dw.iter_mut()))
+                {
+                    let xhat = x.div(d);
+                    *dx = (g * w).sub(xhat * mean).div(d);
+                    *dw = dw.add(g * xhat);
+                }
+            }
+            dw
+        })
+        .collect();
+    for p in partials {
+        for (dw, p) in dw.iter_mut().zip(p) {
+            *dw = dw.add(p);
         }
     }
     out
