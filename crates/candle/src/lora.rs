@@ -492,26 +492,29 @@ impl LoraLinear {
         let n = xs.elem_count() / in_f.max(1);
         let mut out_dims = dims.clone();
         *out_dims.last_mut().expect("dims end with in_f") = out_f;
-        let x = xs.to_dtype(DType::F32)?.reshape((n, in_f))?;
         if let (LoraBase::Quantized(q), None) = (&self.base, &self.magnitude) {
             if !q.is_cuda() && self.a.dtype() == DType::F32 && self.b.dtype() == DType::F32 {
-                // On the CPU the whole layer is one op with its own backward (`FusedLora`).
+                // On the CPU the whole layer is one op with its own backward (`FusedLora`), on
+                // the input as it is shaped (a reshape would be one more node for autograd).
                 let op = FusedLora {
                     base: Arc::clone(q.base()),
                     params: self.params,
                     mode,
                     cache: Mutex::new(None),
                 };
-                let y = x
-                    .contiguous()?
-                    .apply_op3(self.a.as_tensor(), self.b.as_tensor(), op)?;
+                let y = xs.to_dtype(DType::F32)?.contiguous()?.apply_op3(
+                    self.a.as_tensor(),
+                    self.b.as_tensor(),
+                    op,
+                )?;
                 let y = match q.bias() {
                     Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
                     None => y,
                 };
-                return Ok(y.reshape(out_dims)?.to_dtype(xs.dtype())?);
+                return Ok(y.to_dtype(xs.dtype())?);
             }
         }
+        let x = xs.to_dtype(DType::F32)?.reshape((n, in_f))?;
         let s = self.scaling();
         let p = self.params.dropout;
         let seed = match mode {
@@ -628,22 +631,20 @@ impl CustomOp3 for FusedLora {
         b: &CpuStorage,
         lb: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let &[n, _] = lx.dims() else {
-            candle_core::bail!(
-                "{}: the input must be 2-D, found {:?}",
-                self.name(),
-                lx.dims()
-            );
-        };
+        // `[.., in]` is `n` rows of `in`; the output is `[.., out]`.
+        let mut dims = lx.dims().to_vec();
+        let in_f = self.base.in_features();
+        if dims.last() != Some(&in_f) {
+            candle_core::bail!("{}: the input {dims:?} does not end in {in_f}", self.name());
+        }
+        let n = lx.shape().elem_count() / in_f.max(1);
         let view = self.view(f32s(a, la, "lora_A")?, f32s(b, lb, "lora_B")?);
         let (y, cache) = view
             .forward(f32s(x, lx, "LoRA input")?, n, self.mode)
             .map_err(lora_error)?;
         *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(cache);
-        Ok((
-            CpuStorage::F32(y),
-            Shape::from((n, self.base.out_features())),
-        ))
+        *dims.last_mut().expect("checked above") = self.base.out_features();
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
     fn bwd(
