@@ -595,8 +595,8 @@ pub(crate) fn row_norms(
     Ok(norms)
 }
 
-/// SplitMix64 finalizer: a counter-based hash, so the mask of element i depends only on
-/// (seed, i) — reproducible across thread counts and between forward and backward.
+/// SplitMix64's finalizer.
+#[inline(always)]
 fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -604,19 +604,39 @@ fn mix(mut z: u64) -> u64 {
 }
 
 fn keep_threshold(p: f32) -> u64 {
-    // keep iff the top 32 bits of the hash < (1 − p)·2³²
+    // keep iff a 32-bit draw < (1 − p)·2³²
     ((1.0 - p as f64) * 4_294_967_296.0) as u64
 }
 
+/// The 64 random bits of the element pair `2j, 2j + 1` (SplitMix64 at counter `j`, keyed by the
+/// seed): a counter-based generator, so the mask of element i depends only on (seed, i) —
+/// reproducible across thread counts and between forward and backward. Element `2j` draws the
+/// high 32 bits, `2j + 1` the low ones.
 #[inline(always)]
-fn kept(seed: u64, i: u64, threshold: u64) -> bool {
-    (mix(seed ^ mix(i.wrapping_add(0x9e37_79b9_7f4a_7c15))) >> 32) < threshold
+fn pair_bits(key: u64, j: u64) -> u64 {
+    mix(key.wrapping_add(j.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+}
+
+/// The generator's key for `seed`.
+fn key(seed: u64) -> u64 {
+    mix(seed ^ 0x6a09_e667_f3bc_c909)
+}
+
+#[inline(always)]
+fn kept(key: u64, i: u64, threshold: u64) -> bool {
+    let bits = pair_bits(key, i / 2);
+    let draw = if i % 2 == 0 {
+        bits >> 32
+    } else {
+        bits & 0xffff_ffff
+    };
+    draw < threshold
 }
 
 /// The dropout keep-mask of element `i` of the input for `seed` and probability `p` (the same
 /// mask forward and backward use): kept elements are scaled by `1/(1−p)`, the rest zeroed.
 pub fn dropout_keeps(seed: u64, i: usize, p: f32) -> bool {
-    kept(seed, i as u64, keep_threshold(p))
+    kept(key(seed), i as u64, keep_threshold(p))
 }
 
 /// The dropout multipliers of elements `0..n` for `seed` and probability `p`: `1/(1−p)` where
@@ -706,11 +726,15 @@ static KEEP_TABLE: [[f32; 8]; 256] = {
 
 /// The keep-bits of the 64-element words `ws`, the first element being number `first`.
 fn fill_words(seed: u64, threshold: u64, first: u64, ws: &mut [u64]) {
+    let key = key(seed);
     for (w, word) in ws.iter_mut().enumerate() {
+        // `first` is a multiple of 64: word w holds elements base .. base + 64, 32 pairs.
         let base = first + w as u64 * 64;
         let mut bits = 0u64;
-        for k in 0..64u64 {
-            bits |= (kept(seed, base + k, threshold) as u64) << k;
+        for k in 0..32u64 {
+            let r = pair_bits(key, base / 2 + k);
+            bits |= (((r >> 32) < threshold) as u64) << (2 * k);
+            bits |= (((r & 0xffff_ffff) < threshold) as u64) << (2 * k + 1);
         }
         *word = bits;
     }
