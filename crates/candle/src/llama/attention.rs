@@ -8,7 +8,9 @@
 //! Here one op takes `q: [b, t, heads·d]`, `k, v: [b, t, kv_heads·d]` and returns
 //! `[b, t, heads·d]`: per batch row and key/value head (in parallel), the keys are rotated once,
 //! and for each query head of the group the rotated queries are multiplied by the keys, the
-//! causal softmax ([`super::softmax`]) is taken, and the probabilities multiply the values. The
+//! causal softmax ([`super::softmax`]) is taken, and the probabilities multiply the values —
+//! every product in blocks of 32 query rows that stop at the block's last causal column, so about
+//! half of the masked upper triangle is never computed (both ways). The
 //! probabilities are kept for the backward pass (`b·heads·t²` floats, as the composed form
 //! keeps); the rotated queries and keys are recomputed there.
 //!
@@ -102,19 +104,25 @@ impl FusedAttention {
     }
 }
 
-/// `dst[m, n] (=|+=) lhs · rhs` for a row-major `dst`, on the calling thread.
-fn product<T: Scalar>(
-    dst: &mut [T],
-    m: usize,
-    n: usize,
-    lhs: MatRef<'_, T>,
-    rhs: MatRef<'_, T>,
-    add: bool,
-) {
-    // A row-major [m, n] is the transpose of a column-major [n, m].
-    let d = MatMut::from_column_major_slice_mut(dst, n, m).transpose_mut();
+/// `dst (=|+=) lhs · rhs`, on the calling thread.
+fn product<T: Scalar>(dst: MatMut<'_, T>, lhs: MatRef<'_, T>, rhs: MatRef<'_, T>, add: bool) {
     let accum = if add { Accum::Add } else { Accum::Replace };
-    matmul(d, accum, lhs, rhs, T::from_f64(1.0), Par::Seq);
+    matmul(dst, accum, lhs, rhs, T::from_f64(1.0), Par::Seq);
+}
+
+/// A row-major `[r, c]` slice as a mutable matrix.
+fn rows_mut<T: Scalar>(s: &mut [T], r: usize, c: usize) -> MatMut<'_, T> {
+    // A row-major [r, c] is the transpose of a column-major [c, r].
+    MatMut::from_column_major_slice_mut(s, c, r).transpose_mut()
+}
+
+/// Query rows per block: the products of a block of rows stop at its last causal column, so
+/// the masked upper triangle of `q·kᵀ`, `p·v` and their gradients is (mostly) not computed.
+const BLOCK: usize = 32;
+
+/// The row blocks `(i0, rows)` of `t` positions; block `i0` sees the columns `0 .. i0 + rows`.
+fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t).step_by(BLOCK).map(move |i0| (i0, BLOCK.min(t - i0)))
 }
 
 fn rows<T: Scalar>(s: &[T], r: usize, c: usize) -> MatRef<'_, T> {
@@ -243,16 +251,25 @@ impl FusedAttention {
                     .enumerate()
                 {
                     let qr = geo.head(q, geo.heads, bi, g * rep + j, rot);
-                    product(
-                        &mut s,
-                        t,
-                        t,
-                        rows(&qr, t, d),
-                        rows(&kr, t, d).transpose(),
-                        false,
-                    );
+                    let (qm, km, vm) = (rows(&qr, t, d), rows(&kr, t, d), rows(&vg, t, d));
+                    // S[I, ..i1] = Qr[I]·Kr[..i1]ᵀ per row block I (the rest is masked).
+                    for (i0, n) in blocks(t) {
+                        let i1 = i0 + n;
+                        let dst = rows_mut(&mut s, t, t).submatrix_mut(i0, 0, n, i1);
+                        product(dst, qm.subrows(i0, n), km.subrows(0, i1).transpose(), false);
+                    }
                     forward_into(&s, p, t, scale, self.window);
-                    product(o, t, d, rows(p, t, t), rows(&vg, t, d), false);
+                    // O[I] = P[I, ..i1]·V[..i1].
+                    for (i0, n) in blocks(t) {
+                        let i1 = i0 + n;
+                        let pm = rows(p, t, t).submatrix(i0, 0, n, i1);
+                        product(
+                            rows_mut(o, t, d).subrows_mut(i0, n),
+                            pm,
+                            vm.subrows(0, i1),
+                            false,
+                        );
+                    }
                 }
                 out
             })
@@ -296,33 +313,39 @@ impl FusedAttention {
                     let h = g * rep + j;
                     let qr = geo.head(q, geo.heads, bi, h, rot);
                     let gh = geo.head(go, geo.heads, bi, h, None);
-                    // dV += Pᵀ·dO, dP = dO·Vᵀ, dS = softmax backward, dQr = dS·Kr, dKr += dSᵀ·Qr.
-                    product(
-                        &mut dv,
-                        t,
-                        d,
-                        rows(p, t, t).transpose(),
-                        rows(&gh, t, d),
-                        j > 0,
-                    );
-                    product(
-                        &mut dp,
-                        t,
-                        t,
-                        rows(&gh, t, d),
-                        rows(&vg, t, d).transpose(),
-                        false,
-                    );
+                    // dV += Pᵀ·dO, dP = dO·Vᵀ, dS = softmax backward, dQr = dS·Kr, dKr += dSᵀ·Qr,
+                    // each per row block I up to its last causal column i1 (dP stays 0 beyond).
+                    let (qm, km, vm) = (rows(&qr, t, d), rows(&kr, t, d), rows(&vg, t, d));
+                    let gm = rows(&gh, t, d);
+                    for (i0, n) in blocks(t) {
+                        let i1 = i0 + n;
+                        let pm = rows(p, t, t).submatrix(i0, 0, n, i1);
+                        product(
+                            rows_mut(&mut dv, t, d).subrows_mut(0, i1),
+                            pm.transpose(),
+                            gm.subrows(i0, n),
+                            true,
+                        );
+                        let dst = rows_mut(&mut dp, t, t).submatrix_mut(i0, 0, n, i1);
+                        product(dst, gm.subrows(i0, n), vm.subrows(0, i1).transpose(), false);
+                    }
                     backward_into(p, &dp, &mut ds, t, scale);
-                    product(dq, t, d, rows(&ds, t, t), rows(&kr, t, d), false);
-                    product(
-                        &mut dk,
-                        t,
-                        d,
-                        rows(&ds, t, t).transpose(),
-                        rows(&qr, t, d),
-                        j > 0,
-                    );
+                    for (i0, n) in blocks(t) {
+                        let i1 = i0 + n;
+                        let sm = rows(&ds, t, t).submatrix(i0, 0, n, i1);
+                        product(
+                            rows_mut(dq, t, d).subrows_mut(i0, n),
+                            sm,
+                            km.subrows(0, i1),
+                            false,
+                        );
+                        product(
+                            rows_mut(&mut dk, t, d).subrows_mut(0, i1),
+                            sm.transpose(),
+                            qm.subrows(i0, n),
+                            true,
+                        );
+                    }
                     geo.unrotate(dq, &cos, &sin);
                 }
                 geo.unrotate(&mut dk, &cos, &sin);
@@ -499,6 +522,8 @@ mod tests {
         for (dtype, tol) in [(DType::F32, 2e-5), (DType::F64, 1e-12)] {
             for &(b, t, heads, kv, d, window) in &[
                 (2, 9, 6, 6, 8, usize::MAX),
+                (1, 70, 4, 2, 8, usize::MAX),
+                (1, 40, 2, 2, 4, 33),
                 (1, 16, 4, 2, 6, 5),
                 (3, 5, 6, 2, 4, 2),
             ] {
