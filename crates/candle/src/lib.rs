@@ -140,6 +140,7 @@ mod cuda;
 pub mod data;
 pub mod error;
 pub mod finetune;
+mod frozen;
 pub mod linear4bit;
 pub mod llama;
 pub mod lora;

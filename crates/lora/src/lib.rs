@@ -157,7 +157,7 @@ pub mod base;
 pub mod error;
 pub mod init;
 pub mod layer;
-mod matmul;
+pub mod matmul;
 pub mod merge;
 pub mod peft;
 #[cfg(feature = "testing")]

@@ -1,4 +1,7 @@
-//! Thin safe wrappers over faer's multi-threaded matrix multiply, on row-major slices.
+//! Thin safe wrappers over faer's matrix multiply, on row-major f32 slices: products large enough
+//! are split into one band of rows per rayon thread, each a single-threaded faer product (one
+//! join, no spinning barriers between blocks). [`x_wt`] and [`g_w`] are the two products of a
+//! frozen dense linear layer, for a framework's custom op (qlora-candle's `lm_head`).
 
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
@@ -132,6 +135,35 @@ pub(crate) fn mul(a: MatRef<'_, f32>, b: MatRef<'_, f32>, alpha: f32) -> Vec<f32
     // across the pool's threads — measured at 15 % of a 512-token forward at 11008×4096.
     gemm_accum(&mut c, (m, n, n), a, b, alpha, Accum::Replace);
     c
+}
+
+/// `Y[m, n] = X[m, k] · W[n, k]ᵀ` (a linear layer's output for a weight stored `[out, in]`),
+/// row-major f32 slices; `None` if a length does not fit the shapes.
+///
+/// ```
+/// // X = [[1, 2]], W = [[1, 0], [3, 4]]: Y = [[1, 11]]
+/// let y = qlora_lora::matmul::x_wt(&[1.0, 2.0], &[1.0, 0.0, 3.0, 4.0], 1, 2, 2).unwrap();
+/// assert_eq!(y, [1.0, 11.0]);
+/// ```
+pub fn x_wt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Option<Vec<f32>> {
+    if x.len() != m.checked_mul(k)? || w.len() != n.checked_mul(k)? {
+        return None;
+    }
+    Some(mul(view(x, m, k), view(w, n, k).transpose(), 1.0))
+}
+
+/// `dX[m, k] = G[m, n] · W[n, k]` (the input gradient of [`x_wt`]), row-major f32 slices;
+/// `None` if a length does not fit the shapes.
+///
+/// ```
+/// let dx = qlora_lora::matmul::g_w(&[1.0, 1.0], &[1.0, 0.0, 3.0, 4.0], 1, 2, 2).unwrap();
+/// assert_eq!(dx, [4.0, 4.0]);
+/// ```
+pub fn g_w(g: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Option<Vec<f32>> {
+    if g.len() != m.checked_mul(n)? || w.len() != n.checked_mul(k)? {
+        return None;
+    }
+    Some(mul(view(g, m, n), view(w, n, k), 1.0))
 }
 
 /// Row-major view of a whole `rows × cols` slice.

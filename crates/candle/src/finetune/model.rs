@@ -162,8 +162,8 @@ impl LinearFactory for Factory<'_> {
         bias: Option<Tensor>,
     ) -> candle_core::Result<Box<dyn Module>> {
         if !name.starts_with("model.layers.") {
-            // lm_head (transformers keeps it dense under load_in_4bit).
-            return Ok(Box::new(candle_nn::Linear::new(weight, bias)));
+            // lm_head (transformers keeps it dense under load_in_4bit), frozen.
+            return Ok(Box::new(crate::frozen::FrozenLinear::new(weight, bias)));
         }
         // Quantized on the host, then uploaded once (a no-op on the CPU).
         let cpu = Device::Cpu;
