@@ -15,7 +15,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::softmax::Float;
+use super::softmax::{lanes, Float};
 use crate::cpu_op::contiguous;
 
 /// Rows per parallel task.
@@ -72,17 +72,9 @@ impl CausalLmLoss {
             .flat_map_iter(|chunk| {
                 chunk.iter().map(|&(row, l)| {
                     let x = &x[row * v..(row + 1) * v];
-                    let mut max = T::NEG_INFINITY;
-                    for &e in x {
-                        if e > max {
-                            max = e;
-                        }
-                    }
-                    let mut sum = T::ZERO;
-                    for &e in x {
-                        sum = sum.add(e.sub(max).exp());
-                    }
-                    let ln = sum.ln();
+                    let max = lanes(x, T::NEG_INFINITY, |acc, e| if e > acc { e } else { acc });
+                    let exps: Vec<T> = x.iter().map(|&e| e.sub(max).exp()).collect();
+                    let ln = lanes(&exps, T::ZERO, |acc, e| acc.add(e)).ln();
                     (x[l].sub(max).sub(ln), max.to_f64() + ln.to_f64())
                 })
             })

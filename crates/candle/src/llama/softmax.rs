@@ -2,9 +2,11 @@
 //! fused attention op, [`super::attention`]), and the float types of the crate's fused CPU ops.
 //!
 //! The forward pass computes what the composed form computes (`x·scale`, masked to `-inf`, the row
-//! max, `exp(x − max)`, the sequential sum, the division), except that f32's `exp` is a
-//! vectorized polynomial ([`exp_f32`], within 2 ulp) instead of libm's one call per element —
-//! which was a tenth of a training step; the backward pass is `scale · p ⊙ (g − Σ g ⊙ p)` per row.
+//! max, `exp(x − max)`, the sum, the division), in a form that vectorizes: f32's `exp` is a
+//! polynomial ([`exp_f32`], within 2 ulp) instead of libm's one call per element (which was a
+//! tenth of a training step), and the max and the sums run in 8 interleaved lanes ([`lanes`]), so
+//! values differ from the composed form's in the last bits. The backward pass is
+//! `scale · p ⊙ (g − Σ g ⊙ p)` per row.
 
 /// The floating-point types of the fused ops (f32 and f64).
 pub(crate) trait Float:
@@ -77,26 +79,64 @@ pub(crate) fn forward_into<T: Float>(s: &[T], out: &mut [T], t: usize, scale: T,
     for (i, (row, o)) in s.chunks_exact(t).zip(out.chunks_exact_mut(t)).enumerate() {
         // Row i sees columns lo..=i; the others are exp(−∞) = 0 and add nothing to the sum.
         let lo = (i + 1).saturating_sub(window);
-        let mut max = T::NEG_INFINITY;
-        for (&x, o) in row[lo..=i].iter().zip(&mut o[lo..=i]) {
-            let v = x * scale;
-            *o = v;
-            if v > max {
-                max = v;
-            }
+        let seen = &mut o[lo..=i];
+        for (o, &x) in seen.iter_mut().zip(&row[lo..=i]) {
+            *o = x * scale;
         }
-        for o in o[lo..=i].iter_mut() {
+        let max = lanes(
+            seen,
+            T::NEG_INFINITY,
+            |acc, v| if v > acc { v } else { acc },
+        );
+        for o in seen.iter_mut() {
             *o = o.sub(max).exp();
         }
-        let mut sum = T::ZERO;
-        for &e in &o[lo..=i] {
-            sum = sum.add(e);
-        }
-        for o in o[lo..=i].iter_mut() {
+        let sum = lanes(seen, T::ZERO, |acc, e| acc.add(e));
+        for o in seen.iter_mut() {
             *o = o.div(sum);
         }
         o[..lo].fill(T::ZERO);
         o[i + 1..].fill(T::ZERO);
+    }
+}
+
+/// A reduction of `x` in 8 interleaved lanes (so that it vectorizes), the lanes then folded in
+/// order: a fixed order, independent of threads.
+#[inline(always)]
+pub(crate) fn lanes<T: Float>(x: &[T], init: T, f: impl Fn(T, T) -> T) -> T {
+    let mut acc = [init; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            acc[k] = f(acc[k], c[k]);
+        }
+    }
+    let mut r = init;
+    for &a in &acc {
+        r = f(r, a);
+    }
+    for &v in chunks.remainder() {
+        r = f(r, v);
+    }
+    r
+}
+
+/// The gradient of the scores from the probabilities `p` and their gradient `g` (rows of `t`):
+/// `out = scale · p ⊙ (g − Σ_row g ⊙ p)`.
+pub(crate) fn backward_into<T: Float>(p: &[T], g: &[T], out: &mut [T], t: usize, scale: T) {
+    let mut pg = vec![T::ZERO; t];
+    for ((p, g), o) in p
+        .chunks_exact(t)
+        .zip(g.chunks_exact(t))
+        .zip(out.chunks_exact_mut(t))
+    {
+        for ((pg, &p), &g) in pg.iter_mut().zip(p).zip(g) {
+            *pg = p * g;
+        }
+        let dot = lanes(&pg, T::ZERO, |acc, v| acc.add(v));
+        for ((&p, &g), o) in p.iter().zip(g).zip(o.iter_mut()) {
+            *o = p * g.sub(dot) * scale;
+        }
     }
 }
 
@@ -127,24 +167,6 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
         0.0
     } else {
         out
-    }
-}
-
-/// The gradient of the scores from the probabilities `p` and their gradient `g` (rows of `t`):
-/// `out = scale · p ⊙ (g − Σ_row g ⊙ p)`.
-pub(crate) fn backward_into<T: Float>(p: &[T], g: &[T], out: &mut [T], t: usize, scale: T) {
-    for ((p, g), o) in p
-        .chunks_exact(t)
-        .zip(g.chunks_exact(t))
-        .zip(out.chunks_exact_mut(t))
-    {
-        let mut dot = T::ZERO;
-        for (&p, &g) in p.iter().zip(g) {
-            dot = dot.add(p * g);
-        }
-        for ((&p, &g), o) in p.iter().zip(g).zip(o.iter_mut()) {
-            *o = p * g.sub(dot) * scale;
-        }
     }
 }
 
