@@ -13,10 +13,13 @@
 //! **Quantize.** absmax by `vmaxps(|x|, acc)`, which returns its second operand when the first is
 //! NaN (NaN ignored, like `f32::max`); for f16/bf16 by `vpmaxuw` over the sign-cleared bit
 //! patterns (32 per instruction, the same order as the magnitudes), redone in f32 when a NaN
-//! pattern shows up. `xn = x * (1/absmax)` with an IEEE division; codes by a 4-step binary search
-//! over the sorted thresholds (`vpermps` + `vcmpps` `_CMP_GT_OQ`, so NaN gets code 0) with one
-//! pre-shifted threshold table per step, so the running code is the permute index: the count of
-//! thresholds strictly exceeded, as the oracle's tree. 64 codes are packed at once
+//! pattern shows up. `xn = x · inv` with `inv` the GPU's reciprocal of absmax
+//! ([`fastmath::rcp_approx_ftz`]). Codes by bucket ([`Search`]): the exact floor of
+//! `xn·scale + offset` (an FMA rounded toward −∞, truncated) picks one of 32 buckets (16 for FP4
+//! magnitudes), narrower than the gap between two thresholds; two permutes fetch the count of
+//! thresholds below the bucket and the one threshold inside it, and one `vcmpps` `_CMP_GT_OQ`
+//! adds it when `xn` strictly exceeds it — the count of thresholds strictly exceeded, as the
+//! oracle's tree (NaN: bucket 0, code 0). 64 codes are packed at once
 //! (`vpackusdw`/`vpackuswb`, `vpmaddubsw` with `[16, 1]` to join the nibble pairs, one `vpermw`
 //! to restore element order — which also absorbs the lane order of the bf16 widening by
 //! `vpunpck{l,h}wd` against zero); partial groups use `vpmovqb`.
@@ -167,76 +170,138 @@ unsafe fn load16<const SRC: u8>(p: *const u8) -> __m512 {
     }
 }
 
-/// The threshold tables of the binary search, one register per step.
+/// Scale and offset of the NF4 buckets: bucket `k` holds the `xn` with
+/// `⌊xn·15.5 + 15.75⌋ = k`, 32 buckets of width 1/15.5 ≈ 0.065 over `[-1.016, 1.048)`.
+const NF4_SCALE: f32 = 15.5;
+const NF4_OFFSET: f32 = 15.75;
+/// The same for FP4 magnitudes: `⌊|xn|·15 + 0.5⌋`, 16 buckets of width 1/15 over `[0, 1.033)`.
+const FP4_SCALE: f32 = 15.0;
+const FP4_OFFSET: f32 = 0.5;
+
+/// Bucket of a threshold: `⌊t·scale + offset⌋`, exact in f64 (24 + 5 significant bits; the sum
+/// spans less than 53 bits) and truncated as a non-negative value.
+const fn bucket_of(t: f32, scale: f32, offset: f32) -> usize {
+    let v = t as f64 * scale as f64 + offset as f64;
+    assert!(v >= 0.0 && v < 32.0);
+    v as usize
+}
+
+/// The bucket tables of `thresholds` (sorted): per bucket the count of thresholds in lower
+/// buckets, and the one threshold inside the bucket (+∞ when there is none). Fails to compile if
+/// a bucket would hold two thresholds.
+const fn bucket_tables<const N: usize>(
+    thresholds: &[f32; N],
+    scale: f32,
+    offset: f32,
+) -> ([i32; 32], [f32; 32]) {
+    let mut below = [0i32; 32];
+    let mut inside = [f32::INFINITY; 32];
+    let mut i = 0;
+    while i < N {
+        let k = bucket_of(thresholds[i], scale, offset);
+        assert!(i == 0 || bucket_of(thresholds[i - 1], scale, offset) < k);
+        inside[k] = thresholds[i];
+        let mut j = k + 1;
+        while j < 32 {
+            below[j] += 1;
+            j += 1;
+        }
+        i += 1;
+    }
+    (below, inside)
+}
+
+const NF4_BUCKETS: ([i32; 32], [f32; 32]) =
+    bucket_tables(&codebook::NF4_THRESHOLDS, NF4_SCALE, NF4_OFFSET);
+const FP4_BUCKETS: ([i32; 32], [f32; 32]) =
+    bucket_tables(&codebook::FP4_THRESHOLDS, FP4_SCALE, FP4_OFFSET);
+/// FP4 magnitude level (count of thresholds exceeded) → 3-bit pattern (the tree of `dQuantizeFP4`).
+const FP4_PATTERNS: [i32; 8] = [0, 1, 6, 7, 4, 5, 2, 3];
+
+/// The bucket search in registers.
 ///
-/// The search keeps `code`, a multiple of `2·step` before each step, and compares against
-/// threshold `code + step − 1`. Instead of adding `step − 1` to the index before each `vpermps`,
-/// each step has its own table already shifted by `step − 1` (`by3[c] = thr[c + 3]`,
-/// `by1[c] = thr[c + 1]`, `by0 = thr`), indexed by `code` itself.
+/// With at most one threshold per bucket, the code of `xn` is the count of thresholds below its
+/// bucket plus one if `xn` strictly exceeds the threshold inside it — the count of thresholds
+/// `xn` strictly exceeds, the oracle's tree. The bucket is computed exactly: the FMA
+/// `xn·scale + offset` rounded toward −∞ (embedded rounding) and truncated is the floor of the
+/// exact value (the floor is representable, so rounding down cannot pass below it); every finite
+/// `|xn| ≤ 1.016` lands in a bucket (`|x| ≤ absmax`, and the GPU's reciprocal is within an ulp).
+/// NaN converts to `0x8000_0000`, bucket 0, whose code is 0 and whose compare fails: code 0.
 #[derive(Clone, Copy)]
 struct Search {
-    by3: __m512,
-    by1: __m512,
-    by0: __m512,
-    /// The threshold of the first step (`thr[7]` for NF4, `thr[3]` for FP4 magnitudes).
-    first: __m512,
-    /// FP4 only: magnitude level (count of thresholds exceeded) → 3-bit pattern.
-    patterns: __m512i,
+    scale: __m512,
+    offset: __m512,
+    /// NF4: count of thresholds below buckets 0–15 and 16–31. FP4: pattern of the lower and of
+    /// the higher level of buckets 0–15.
+    low: __m512i,
+    high: __m512i,
+    /// The threshold inside buckets 0–15 and 16–31 (FP4: 0–15 only).
+    inside_low: __m512,
+    inside_high: __m512,
 }
 
 impl Search {
-    /// The tables for `NF4` (15 thresholds) or FP4 (7 magnitude thresholds).
+    /// The tables for `NF4` (15 thresholds, 32 buckets) or FP4 (7 magnitude thresholds, 16).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
     fn new<const NF4: bool>() -> Self {
-        let mut thr = [f32::INFINITY; 16 + 3];
-        if NF4 {
-            thr[..15].copy_from_slice(&codebook::NF4_THRESHOLDS);
-        } else {
-            thr[..7].copy_from_slice(&codebook::FP4_THRESHOLDS);
-        }
-        let load = |k: usize| {
-            let mut t = [0f32; 16];
-            t.copy_from_slice(&thr[k..k + 16]);
-            // SAFETY: `t` holds 16 f32.
-            unsafe { _mm512_loadu_ps(t.as_ptr()) }
+        let half = |t: &[i32], h: usize| {
+            // SAFETY: `t` holds at least 16·(h + 1) i32.
+            unsafe { _mm512_loadu_si512(t[16 * h..16 * h + 16].as_ptr().cast()) }
         };
-        Search {
-            by3: load(3),
-            by1: load(1),
-            by0: load(0),
-            first: _mm512_set1_ps(thr[if NF4 { 7 } else { 3 }]),
-            patterns: _mm512_setr_epi32(0, 1, 6, 7, 4, 5, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0),
+        let halfps = |t: &[f32], h: usize| {
+            // SAFETY: `t` holds at least 16·(h + 1) f32.
+            unsafe { _mm512_loadu_ps(t[16 * h..16 * h + 16].as_ptr()) }
+        };
+        if NF4 {
+            let (below, inside) = &NF4_BUCKETS;
+            Search {
+                scale: _mm512_set1_ps(NF4_SCALE),
+                offset: _mm512_set1_ps(NF4_OFFSET),
+                low: half(below, 0),
+                high: half(below, 1),
+                inside_low: halfps(inside, 0),
+                inside_high: halfps(inside, 1),
+            }
+        } else {
+            let (below, inside) = &FP4_BUCKETS;
+            let lower: [i32; 16] = core::array::from_fn(|k| FP4_PATTERNS[below[k] as usize]);
+            let higher: [i32; 16] =
+                core::array::from_fn(|k| FP4_PATTERNS[(below[k] as usize + 1).min(7)]);
+            Search {
+                scale: _mm512_set1_ps(FP4_SCALE),
+                offset: _mm512_set1_ps(FP4_OFFSET),
+                low: half(&lower, 0),
+                high: half(&higher, 0),
+                inside_low: halfps(inside, 0),
+                inside_high: halfps(inside, 1),
+            }
         }
     }
 
-    /// The count of thresholds `x` strictly exceeds (`_CMP_GT_OQ`: NaN exceeds none), given the
-    /// first step's choice `code` (0, or `first_step` where `x > first`).
+    /// The bucket of each lane of `v` (in the low bits; NaN → `0x8000_0000`).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
-    fn finish(&self, mut code: __m512i, x: __m512, steps: &[(i32, bool)]) -> __m512i {
-        for &(step, by3) in steps {
-            let t = _mm512_permutexvar_ps(code, if by3 { self.by3 } else { self.by1 });
-            let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, t);
-            code = _mm512_mask_or_epi32(code, gt, code, _mm512_set1_epi32(step));
-        }
-        let t = _mm512_permutexvar_ps(code, self.by0);
-        let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, t);
-        _mm512_mask_or_epi32(code, gt, code, _mm512_set1_epi32(1))
+    fn bucket(&self, v: __m512) -> __m512i {
+        _mm512_cvttps_epi32(_mm512_fmadd_round_ps::<
+            { _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC },
+        >(v, self.scale, self.offset))
     }
 }
 
-/// NF4 codes: the number of the 15 thresholds `xn` strictly exceeds, by binary search.
+/// NF4 codes: the number of the 15 thresholds `xn` strictly exceeds (NaN: 0), by bucket.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
 fn encode_nf4(xn: __m512, s: &Search) -> __m512i {
-    let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xn, s.first);
-    let code = _mm512_maskz_mov_epi32(above, _mm512_set1_epi32(8));
-    s.finish(code, xn, &[(4, true), (2, false)])
+    let k = s.bucket(xn);
+    let below = _mm512_permutex2var_epi32(s.low, k, s.high);
+    let inside = _mm512_permutex2var_ps(s.inside_low, k, s.inside_high);
+    let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xn, inside);
+    _mm512_mask_add_epi32(below, gt, below, _mm512_set1_epi32(1))
 }
 
 /// FP4 codes: sign bit from `ftz(ftz(x) · inv) < 0`, magnitude pattern from the count of the 7
-/// magnitude thresholds `|xn|` strictly exceeds (the tree of `dQuantizeFP4`).
+/// magnitude thresholds `|xn|` strictly exceeds (the tree of `dQuantizeFP4`), by bucket.
 ///
 /// The CUDA build flushes subnormal inputs and products to zero, so the sign is set only when both
 /// `x` and `xn` are at most `−f32::MIN_POSITIVE`. (The magnitude needs no flush: in blocks whose
@@ -251,10 +316,10 @@ fn encode_fp4(x: __m512, xn: __m512, s: &Search) -> __m512i {
         neg_min,
     );
     let m = _mm512_abs_ps(xn);
-    let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, s.first);
-    let level = _mm512_maskz_mov_epi32(above, _mm512_set1_epi32(4));
-    let level = s.finish(level, m, &[(2, false)]);
-    let pattern = _mm512_permutexvar_epi32(level, s.patterns);
+    let k = s.bucket(m);
+    let inside = _mm512_permutexvar_ps(k, s.inside_low);
+    let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, inside);
+    let pattern = _mm512_mask_permutexvar_epi32(_mm512_permutexvar_epi32(k, s.low), gt, k, s.high);
     _mm512_mask_or_epi32(pattern, negative, pattern, _mm512_set1_epi32(8))
 }
 
@@ -904,5 +969,98 @@ unsafe fn dequantize_vectors<const OUT: u8, const ODD: bool>(
     if streaming {
         // Order the weakly-ordered streaming stores before anything that follows.
         _mm_sfence();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    /// The count of `thresholds` each lane strictly exceeds (`_CMP_GT_OQ`: NaN exceeds none),
+    /// one compare per threshold: the definition the bucket search must reproduce.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn count_exceeded(v: __m512, thresholds: &[f32]) -> __m512i {
+        thresholds.iter().fold(_mm512_setzero_si512(), |acc, &t| {
+            let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, _mm512_set1_ps(t));
+            _mm512_mask_add_epi32(acc, gt, acc, _mm512_set1_epi32(1))
+        })
+    }
+
+    /// The codes of the bucket search equal the count of thresholds exceeded for every f32 of
+    /// `[-1.03, 1.03]` (every normalized value a block can produce, with margin: `|x · inv| ≤ 1 +
+    /// 2^-21`), and the oracle's codes for every 4099th of them and for NaN.
+    #[test]
+    fn bucket_search_is_exact_for_every_normalized_f32() {
+        if Kernel::new().is_none() {
+            return;
+        }
+        let top = 1.03f32.to_bits();
+        let vectors = top / 16 + 1;
+        let runs = vectors.div_ceil(1 << 14);
+        let mismatches: usize = (0..runs)
+            .into_par_iter()
+            .map(|r| {
+                let mut bad = 0;
+                for k in (r << 14)..((r + 1) << 14).min(vectors) {
+                    for sign in [0u32, 0x8000_0000] {
+                        let lanes: [u32; 16] =
+                            core::array::from_fn(|l| (16 * k + l as u32).min(top) | sign);
+                        // SAFETY: AVX-512 F and BW were detected above; `lanes` holds 16 u32.
+                        bad += unsafe { check_vector(&lanes, k % 4099 == 0) };
+                    }
+                }
+                bad
+            })
+            .sum();
+        assert_eq!(mismatches, 0);
+        let nans = [
+            0x7fc0_0000u32,
+            0xffc0_0000,
+            0x7f80_0001,
+            0xffff_ffff,
+            0x7fff_ffff,
+        ];
+        let lanes: [u32; 16] = core::array::from_fn(|l| nans[l % nans.len()]);
+        // SAFETY: as above.
+        assert_eq!(unsafe { check_vector(&lanes, true) }, 0);
+    }
+
+    /// Mismatching lanes of one vector of bit patterns (`xn = x`, `inv = 1`).
+    ///
+    /// # Safety
+    /// AVX-512 F and BW must be available.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn check_vector(lanes: &[u32; 16], with_oracle: bool) -> usize {
+        // SAFETY: `lanes` holds 16 u32.
+        let x = unsafe { _mm512_loadu_ps(lanes.as_ptr().cast()) };
+        let one = _mm512_set1_ps(1.0);
+        let nf4 = encode::<true>(x, one, &Search::new::<true>());
+        let fp4 = encode::<false>(x, one, &Search::new::<false>());
+        let nf4_count = count_exceeded(x, &codebook::NF4_THRESHOLDS);
+        let level = count_exceeded(_mm512_abs_ps(x), &codebook::FP4_THRESHOLDS);
+        let pattern = _mm512_permutexvar_epi32(level, {
+            let p: [i32; 16] = core::array::from_fn(|l| FP4_PATTERNS[l % 8]);
+            // SAFETY: `p` holds 16 i32.
+            unsafe { _mm512_loadu_si512(p.as_ptr().cast()) }
+        });
+        let negative = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, _mm512_set1_ps(-f32::MIN_POSITIVE));
+        let fp4_count = _mm512_mask_or_epi32(pattern, negative, pattern, _mm512_set1_epi32(8));
+        let mut bad = (_mm512_cmpneq_epi32_mask(nf4, nf4_count).count_ones()
+            + _mm512_cmpneq_epi32_mask(fp4, fp4_count).count_ones()) as usize;
+        if with_oracle {
+            let (mut a, mut b) = ([0i32; 16], [0i32; 16]);
+            // SAFETY: `a` and `b` hold 16 i32.
+            unsafe {
+                _mm512_storeu_si512(a.as_mut_ptr().cast(), nf4);
+                _mm512_storeu_si512(b.as_mut_ptr().cast(), fp4);
+            }
+            for l in 0..16 {
+                let xn = fastmath::ftz(f32::from_bits(lanes[l]));
+                bad += usize::from(a[l] != i32::from(codebook::encode_nf4(xn)));
+                bad += usize::from(b[l] != i32::from(codebook::encode_fp4(xn)));
+            }
+        }
+        bad
     }
 }
