@@ -478,13 +478,14 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
         let mut tiny = whole > 0 && pass1(0, absmax);
         while g0 < whole {
             let next = g0 + 16;
-            if next + 16 < whole {
-                // The group after: its first reads (pass 1) wait on memory otherwise.
-                let ahead = x.as_ptr().wrapping_add((next + 16) * bs * elem_size);
-                for off in (0..group_bytes).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off).cast());
-                }
-            }
+            // The group three ahead, into L2, spread over this group's encoding: its first
+            // reads (pass 1) wait on memory otherwise. (Hardware prefetchers stop at 4 KiB pages;
+            // prefetching into L1 instead is twice as slow on Zen 4: too many misses in flight.)
+            let ahead = if next + 32 < whole {
+                x.as_ptr().wrapping_add((g0 + 48) * bs * elem_size)
+            } else {
+                core::ptr::null()
+            };
             let tiny_next = next < whole && pass1(next, absmax);
             let (s, e) = (g0 * bs, next * bs);
             // SAFETY: the caller's contract; the 16 blocks from `g0` are whole and inside `x`,
@@ -498,6 +499,7 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
                     tiny,
                     &search,
                     order,
+                    ahead,
                 )
             };
             (g0, tiny) = (next, tiny_next);
@@ -652,11 +654,13 @@ unsafe fn absmax16<const SRC: u8>(x: &[u8], bs: usize, absmax: &mut [f32]) -> bo
 /// codes, 64 elements per step straight through the 16 blocks, the block's reciprocal broadcast
 /// from memory: no per-block bookkeeping. With `tiny` (a block's absmax is tiny: all zero, or
 /// small enough that subnormal inputs count) the group goes to the oracle instead: rare, and it
-/// keeps the flush of inputs out of the loop.
+/// keeps the flush of inputs out of the loop. Unless `ahead` is null, each step also prefetches
+/// into L2 the bytes at the same offset from `ahead` (a later group: 16 blocks of the same size).
 ///
 /// # Safety
 /// AVX-512 F and BW are available; `x` holds `16·bs` elements of the source type, `packed`
-/// `8·bs` bytes, `absmax` the 16 blocks' absmax; `bs` is 64 or 128.
+/// `8·bs` bytes, `absmax` the 16 blocks' absmax; `bs` is 64 or 128. (`ahead` is only prefetched,
+/// never read: any address will do.)
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn encode16<const SRC: u8, const NF4: bool>(
@@ -667,16 +671,25 @@ unsafe fn encode16<const SRC: u8, const NF4: bool>(
     tiny: bool,
     search: &Search,
     order: __m512i,
+    ahead: *const u8,
 ) {
     if tiny {
         kernel::oracle_blocks(QuantType::of_nf4(NF4), SRC, x, bs, packed, absmax);
         return;
     }
     let elem_size = if SRC == SRC_F32 { 4 } else { 2 };
-    // One table lookup per block: the GPU's reciprocal (prefetched by pass 1).
+    // One table lookup per block: the GPU's reciprocal (prefetched by pass 1). (Scalar: 16 at
+    // once by `vdivps` and `vpgatherdd`, or `vdivps` and 16 scalar lookups, measured slower.)
     let inv: [f32; 16] = core::array::from_fn(|b| fastmath::rcp_approx_ftz(absmax[b]));
     let shift = (bs / 64).trailing_zeros();
     for c in 0..16 * bs / 64 {
+        if !ahead.is_null() {
+            // The 64·elem_size bytes of the group ahead at the same offset: elem_size lines.
+            for l in 0..elem_size {
+                let line = ahead.wrapping_add(64 * (c * elem_size + l));
+                _mm_prefetch::<_MM_HINT_T1>(line.cast());
+            }
+        }
         let inv = _mm512_set1_ps(inv[c >> shift]);
         // SAFETY: elements 64c .. 64c + 64 lie inside `x` and their 32 packed bytes inside
         // `packed`.
