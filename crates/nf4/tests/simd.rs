@@ -239,6 +239,24 @@ fn quantize_matches_oracle_everywhere() {
                     check_quantize(imp, qt, &x, bs);
                     check_quantize(imp, qt, &convert::<f16>(&x), bs);
                     check_quantize(imp, qt, &convert::<bf16>(&x), bs);
+                    // Finite values only (AVX-512: groups of blocks without NaN or infinity take
+                    // the bucket search without conversion), still with subnormal values,
+                    // thresholds, ±f32::MAX (absmax ≥ 2^126: reciprocal 0) and tiny blocks.
+                    let x: Vec<f32> = x
+                        .iter()
+                        .map(|&v| if v.is_finite() { v } else { -0.25 })
+                        .collect();
+                    check_quantize(imp, qt, &x, bs);
+                    check_quantize(imp, qt, &convert::<f16>(&x), bs);
+                    check_quantize(imp, qt, &convert::<bf16>(&x), bs);
+                    check_quantize(
+                        imp,
+                        qt,
+                        &y.iter()
+                            .map(|&v| if v.is_finite() { v } else { 0.125 })
+                            .collect::<Vec<f32>>(),
+                        bs,
+                    );
                 }
             }
         }

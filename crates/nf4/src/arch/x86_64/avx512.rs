@@ -170,13 +170,14 @@ unsafe fn load16<const SRC: u8>(p: *const u8) -> __m512 {
     }
 }
 
-/// Scale and offset of the NF4 buckets: bucket `k` holds the `xn` with
-/// `⌊xn·15.5 + 15.75⌋ = k`, 32 buckets of width 1/15.5 ≈ 0.065 over `[-1.016, 1.048)`.
+/// Scale and offset of the NF4 buckets: bucket `k` holds the `xn` with `⌊xn·15.5 + 16⌋ = k`,
+/// 32 buckets of width 1/15.5 ≈ 0.065 over `[-1.032, 1.032)`. (Integer offsets, so that
+/// `offset + 2^23` is a float too: see [`Search::bucket`].)
 const NF4_SCALE: f32 = 15.5;
-const NF4_OFFSET: f32 = 15.75;
-/// The same for FP4 magnitudes: `⌊|xn|·15 + 0.5⌋`, 16 buckets of width 1/15 over `[0, 1.033)`.
+const NF4_OFFSET: f32 = 16.0;
+/// The same for FP4 magnitudes: `⌊|xn|·15⌋`, 16 buckets of width 1/15 over `[0, 1.067)`.
 const FP4_SCALE: f32 = 15.0;
-const FP4_OFFSET: f32 = 0.5;
+const FP4_OFFSET: f32 = 0.0;
 
 /// Bucket of a threshold: `⌊t·scale + offset⌋`, exact in f64 (24 + 5 significant bits; the sum
 /// spans less than 53 bits) and truncated as a non-negative value.
@@ -225,12 +226,14 @@ const FP4_PATTERNS: [i32; 8] = [0, 1, 6, 7, 4, 5, 2, 3];
 /// `xn` strictly exceeds, the oracle's tree. The bucket is computed exactly: the FMA
 /// `xn·scale + offset` rounded toward −∞ (embedded rounding) and truncated is the floor of the
 /// exact value (the floor is representable, so rounding down cannot pass below it); every finite
-/// `|xn| ≤ 1.016` lands in a bucket (`|x| ≤ absmax`, and the GPU's reciprocal is within an ulp).
+/// `|xn| < 1.032` lands in a bucket (`|x| ≤ absmax`, and the GPU's reciprocal is within an ulp).
 /// NaN converts to `0x8000_0000`, bucket 0, whose code is 0 and whose compare fails: code 0.
 #[derive(Clone, Copy)]
 struct Search {
     scale: __m512,
     offset: __m512,
+    /// `offset + 2^23` (exact: the offsets are small integers).
+    offset_2p23: __m512,
     /// NF4: count of thresholds below buckets 0–15 and 16–31. FP4: pattern of the lower and of
     /// the higher level of buckets 0–15.
     low: __m512i,
@@ -258,6 +261,7 @@ impl Search {
             Search {
                 scale: _mm512_set1_ps(NF4_SCALE),
                 offset: _mm512_set1_ps(NF4_OFFSET),
+                offset_2p23: _mm512_set1_ps(NF4_OFFSET + 8_388_608.0),
                 low: half(below, 0),
                 high: half(below, 1),
                 inside_low: halfps(inside, 0),
@@ -271,6 +275,7 @@ impl Search {
             Search {
                 scale: _mm512_set1_ps(FP4_SCALE),
                 offset: _mm512_set1_ps(FP4_OFFSET),
+                offset_2p23: _mm512_set1_ps(FP4_OFFSET + 8_388_608.0),
                 low: half(&lower, 0),
                 high: half(&higher, 0),
                 inside_low: halfps(inside, 0),
@@ -279,21 +284,29 @@ impl Search {
         }
     }
 
-    /// The bucket of each lane of `v` (in the low bits; NaN → `0x8000_0000`).
+    /// The bucket of each lane of `v`, in the low bits.
+    ///
+    /// `CLEAN` (no lane is NaN): the FMA adds `2^23` to the offset, so that the result rounded
+    /// down lies in `[2^23, 2^24)`, where the floats are the integers: its low mantissa bits are
+    /// the bucket, with no conversion. Otherwise a truncation converts, and NaN becomes
+    /// `0x8000_0000`: bucket 0.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
-    fn bucket(&self, v: __m512) -> __m512i {
-        _mm512_cvttps_epi32(_mm512_fmadd_round_ps::<
-            { _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC },
-        >(v, self.scale, self.offset))
+    fn bucket<const CLEAN: bool>(&self, v: __m512) -> __m512i {
+        const RD: i32 = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
+        if CLEAN {
+            _mm512_castps_si512(_mm512_fmadd_round_ps::<RD>(v, self.scale, self.offset_2p23))
+        } else {
+            _mm512_cvttps_epi32(_mm512_fmadd_round_ps::<RD>(v, self.scale, self.offset))
+        }
     }
 }
 
 /// NF4 codes: the number of the 15 thresholds `xn` strictly exceeds (NaN: 0), by bucket.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn encode_nf4(xn: __m512, s: &Search) -> __m512i {
-    let k = s.bucket(xn);
+fn encode_nf4<const CLEAN: bool>(xn: __m512, s: &Search) -> __m512i {
+    let k = s.bucket::<CLEAN>(xn);
     let below = _mm512_permutex2var_epi32(s.low, k, s.high);
     let inside = _mm512_permutex2var_ps(s.inside_low, k, s.inside_high);
     let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xn, inside);
@@ -308,7 +321,7 @@ fn encode_nf4(xn: __m512, s: &Search) -> __m512i {
 /// absmax is not tiny, a subnormal `x` or `xn` is far below the smallest threshold.)
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn encode_fp4(x: __m512, xn: __m512, s: &Search) -> __m512i {
+fn encode_fp4<const CLEAN: bool>(x: __m512, xn: __m512, s: &Search) -> __m512i {
     let neg_min = _mm512_set1_ps(-f32::MIN_POSITIVE);
     let negative = _mm512_mask_cmp_ps_mask::<_CMP_LE_OQ>(
         _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, neg_min),
@@ -316,7 +329,7 @@ fn encode_fp4(x: __m512, xn: __m512, s: &Search) -> __m512i {
         neg_min,
     );
     let m = _mm512_abs_ps(xn);
-    let k = s.bucket(m);
+    let k = s.bucket::<CLEAN>(m);
     let inside = _mm512_permutexvar_ps(k, s.inside_low);
     let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, inside);
     let pattern = _mm512_mask_permutexvar_epi32(_mm512_permutexvar_epi32(k, s.low), gt, k, s.high);
@@ -325,13 +338,14 @@ fn encode_fp4(x: __m512, xn: __m512, s: &Search) -> __m512i {
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-/// Codes of `x · inv` (`inv` the block's `rcp_approx_ftz(absmax)`, absmax not tiny).
-fn encode<const NF4: bool>(x: __m512, inv: __m512, s: &Search) -> __m512i {
+/// Codes of `x · inv` (`inv` the block's `rcp_approx_ftz(absmax)`, absmax not tiny). `CLEAN`:
+/// no lane of `x` is NaN or infinite (see [`Search::bucket`]).
+fn encode<const NF4: bool, const CLEAN: bool>(x: __m512, inv: __m512, s: &Search) -> __m512i {
     let xn = _mm512_mul_ps(x, inv);
     if NF4 {
-        encode_nf4(xn, s)
+        encode_nf4::<CLEAN>(xn, s)
     } else {
-        encode_fp4(x, xn, s)
+        encode_fp4::<CLEAN>(x, xn, s)
     }
 }
 
@@ -475,7 +489,16 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
             // absmax `absmax`; `bs` is 64 or 128.
             unsafe { absmax16::<SRC>(x, bs, absmax) }
         };
-        let mut tiny = whole > 0 && pass1(0, absmax);
+        // Groups 1 and 2 at once (the loop prefetches from group 3 on).
+        let start = x.as_ptr().wrapping_add(group_bytes);
+        for off in (0..2 * group_bytes.min(x.len())).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T1>(start.wrapping_add(off).cast());
+        }
+        let mut kind = if whole > 0 {
+            pass1(0, absmax)
+        } else {
+            Group::Tiny
+        };
         while g0 < whole {
             let next = g0 + 16;
             // The group three ahead, into L2, spread over this group's encoding: its first
@@ -486,23 +509,32 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
             } else {
                 core::ptr::null()
             };
-            let tiny_next = next < whole && pass1(next, absmax);
-            let (s, e) = (g0 * bs, next * bs);
-            // SAFETY: the caller's contract; the 16 blocks from `g0` are whole and inside `x`,
-            // their codes inside `packed`, their absmax (pass 1's) inside `absmax`.
-            unsafe {
-                encode16::<SRC, NF4>(
-                    &x[s * elem_size..e * elem_size],
-                    bs,
-                    &mut packed[s / 2..e / 2],
-                    &mut absmax[g0..next],
-                    tiny,
-                    &search,
-                    order,
-                    ahead,
-                )
+            let kind_next = if next < whole {
+                pass1(next, absmax)
+            } else {
+                Group::Tiny
             };
-            (g0, tiny) = (next, tiny_next);
+            let (s, e) = (g0 * bs, next * bs);
+            let (x, packed, absmax) = (
+                &x[s * elem_size..e * elem_size],
+                &mut packed[s / 2..e / 2],
+                &mut absmax[g0..next],
+            );
+            match kind {
+                Group::Tiny => {
+                    kernel::oracle_blocks(QuantType::of_nf4(NF4), SRC, x, bs, packed, absmax)
+                }
+                // SAFETY: the caller's contract; `x` holds the 16 whole blocks from `g0`, `packed`
+                // their codes, `absmax` their absmax (pass 1's).
+                Group::Special => unsafe {
+                    encode16::<SRC, NF4, false>(x, bs, packed, absmax, &search, order, ahead)
+                },
+                // SAFETY: as above, and pass 1 found no NaN or infinity in these blocks.
+                Group::Clean => unsafe {
+                    encode16::<SRC, NF4, true>(x, bs, packed, absmax, &search, order, ahead)
+                },
+            }
+            (g0, kind) = (next, kind_next);
         }
     }
     // Blocks go in groups: first every absmax of the group, then every code. The division and
@@ -576,8 +608,8 @@ fn max16_epu32(a: &[__m512i; 16]) -> __m512i {
 /// Keeps one running maximum per block (sign-cleared bit patterns, compared as unsigned
 /// integers: for non-NaN values the same order as the magnitudes; f16/bf16 two elements per
 /// 32-bit lane, folded afterwards) and reduces all 16 with [`max16_epu32`]; a block whose maximum
-/// is a NaN pattern is redone by [`block_absmax`] (NaN ignored). Returns whether a block's absmax
-/// is tiny (the group then goes to the oracle in [`encode16`]); otherwise prefetches the 16
+/// is a NaN pattern is redone by [`block_absmax`] (NaN ignored). Returns how to encode the group
+/// ([`Group`]: from the same bit patterns); unless it goes to the oracle, prefetches the 16
 /// reciprocal table entries that [`encode16`] will read.
 ///
 /// # Safety
@@ -585,7 +617,7 @@ fn max16_epu32(a: &[__m512i; 16]) -> __m512i {
 /// values; `bs` is 64 or 128.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn absmax16<const SRC: u8>(x: &[u8], bs: usize, absmax: &mut [f32]) -> bool {
+unsafe fn absmax16<const SRC: u8>(x: &[u8], bs: usize, absmax: &mut [f32]) -> Group {
     let elem_size = if SRC == SRC_F32 { 4 } else { 2 };
     let block_bytes = bs * elem_size;
     let vecs = block_bytes / 64;
@@ -623,6 +655,7 @@ unsafe fn absmax16<const SRC: u8>(x: &[u8], bs: usize, absmax: &mut [f32]) -> bo
     // SAFETY: `absmax` holds 16 f32.
     unsafe { _mm512_storeu_ps(absmax.as_mut_ptr(), values) };
     let nan = _mm512_cmpgt_epu32_mask(bits, _mm512_set1_epi32(infinity));
+    let special = _mm512_cmpge_epu32_mask(bits, _mm512_set1_epi32(infinity)) != 0;
     // Blocks whose absmax is tiny (below 2^-100 as f32; for f16 data only zero is): from the
     // bit patterns, so that the common case needs no scalar pass over the 16 values.
     let tiny_bits = match SRC {
@@ -642,41 +675,54 @@ unsafe fn absmax16<const SRC: u8>(x: &[u8], bs: usize, absmax: &mut [f32]) -> bo
             }
         }
     }
-    if !tiny {
-        absmax
-            .iter()
-            .for_each(|&a| fastmath::prefetch_rcp_approx_ftz(a));
+    if tiny {
+        return Group::Tiny;
     }
-    tiny
+    absmax
+        .iter()
+        .for_each(|&a| fastmath::prefetch_rcp_approx_ftz(a));
+    if special {
+        Group::Special
+    } else {
+        Group::Clean
+    }
+}
+
+/// How [`absmax16`] found a group of 16 blocks.
+#[derive(Clone, Copy)]
+enum Group {
+    /// A block's absmax is tiny ([`fastmath::is_tiny_absmax`]: all zero, or small enough that
+    /// subnormal inputs count): the group goes to the oracle (rare; it keeps the flush of inputs
+    /// out of the vector loop).
+    Tiny,
+    /// A block holds a NaN or an infinity: [`encode16`] with the bucket conversion that maps NaN
+    /// to bucket 0.
+    Special,
+    /// Finite values only: [`encode16`] with the cheaper `CLEAN` bucket.
+    Clean,
 }
 
 /// Pass 2 over 16 whole blocks of 64 or 128 elements, given their absmax ([`absmax16`]): the
 /// codes, 64 elements per step straight through the 16 blocks, the block's reciprocal broadcast
-/// from memory: no per-block bookkeeping. With `tiny` (a block's absmax is tiny: all zero, or
-/// small enough that subnormal inputs count) the group goes to the oracle instead: rare, and it
-/// keeps the flush of inputs out of the loop. Unless `ahead` is null, each step also prefetches
-/// into L2 the bytes at the same offset from `ahead` (a later group: 16 blocks of the same size).
+/// from memory: no per-block bookkeeping. Unless `ahead` is null, each step also prefetches into
+/// L2 the bytes at the same offset from `ahead` (a later group: 16 blocks of the same size).
 ///
 /// # Safety
 /// AVX-512 F and BW are available; `x` holds `16·bs` elements of the source type, `packed`
-/// `8·bs` bytes, `absmax` the 16 blocks' absmax; `bs` is 64 or 128. (`ahead` is only prefetched,
-/// never read: any address will do.)
+/// `8·bs` bytes, `absmax` the 16 blocks' absmax, none of them tiny; `bs` is 64 or 128; with
+/// `CLEAN`, no element is NaN or infinite ([`Group::Clean`]). (`ahead` is only prefetched, never
+/// read: any address will do.)
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn encode16<const SRC: u8, const NF4: bool>(
+unsafe fn encode16<const SRC: u8, const NF4: bool, const CLEAN: bool>(
     x: &[u8],
     bs: usize,
     packed: &mut [u8],
-    absmax: &mut [f32],
-    tiny: bool,
+    absmax: &[f32],
     search: &Search,
     order: __m512i,
     ahead: *const u8,
 ) {
-    if tiny {
-        kernel::oracle_blocks(QuantType::of_nf4(NF4), SRC, x, bs, packed, absmax);
-        return;
-    }
     let elem_size = if SRC == SRC_F32 { 4 } else { 2 };
     // One table lookup per block: the GPU's reciprocal (prefetched by pass 1). (Scalar: 16 at
     // once by `vdivps` and `vpgatherdd`, or `vdivps` and 16 scalar lookups, measured slower.)
@@ -695,7 +741,7 @@ unsafe fn encode16<const SRC: u8, const NF4: bool>(
         // `packed`.
         unsafe {
             let v = load64::<SRC>(x.as_ptr().add(64 * c * elem_size));
-            let codes = v.map(|v| encode::<NF4>(v, inv, search));
+            let codes = v.map(|v| encode::<NF4, CLEAN>(v, inv, search));
             _mm256_storeu_si256(packed.as_mut_ptr().add(32 * c).cast(), pack64(codes, order));
         }
     }
@@ -781,7 +827,7 @@ unsafe fn encode_block<const SRC: u8, const NF4: bool>(
     while v + 4 <= full {
         // SAFETY: vectors `v .. v+4` lie inside `block`.
         let x = unsafe { load64::<SRC>(block.as_ptr().add(v * 16 * elem_size)) };
-        let c = x.map(|x| encode::<NF4>(x, inv, search));
+        let c = x.map(|x| encode::<NF4, false>(x, inv, search));
         // SAFETY: bytes 8v .. 8v+32 lie inside `bytes` (16(v+4) ≤ len).
         unsafe { _mm256_storeu_si256(bytes.as_mut_ptr().add(8 * v).cast(), pack64(c, order)) };
         v += 4;
@@ -795,8 +841,8 @@ unsafe fn encode_block<const SRC: u8, const NF4: bool>(
                 load16::<SRC>(block.as_ptr().add((v + 1) * 16 * elem_size)),
             )
         };
-        let p0 = pack16(encode::<NF4>(x0, inv, search));
-        let p1 = pack16(encode::<NF4>(x1, inv, search));
+        let p0 = pack16(encode::<NF4, false>(x0, inv, search));
+        let p1 = pack16(encode::<NF4, false>(x1, inv, search));
         // SAFETY: bytes 8v .. 8v+16 lie inside `bytes` (16(v+2) ≤ len).
         unsafe {
             _mm_storeu_si128(
@@ -809,7 +855,7 @@ unsafe fn encode_block<const SRC: u8, const NF4: bool>(
     if v < full {
         // SAFETY: vector `v` lies inside `block`.
         let xv = unsafe { load16::<SRC>(block.as_ptr().add(v * 16 * elem_size)) };
-        let packed8 = pack16(encode::<NF4>(xv, inv, search));
+        let packed8 = pack16(encode::<NF4, false>(xv, inv, search));
         // SAFETY: bytes 8v .. 8v+8 lie inside `bytes` (16(v+1) ≤ len).
         unsafe { _mm_storel_epi64(bytes.as_mut_ptr().add(8 * v).cast(), packed8) };
     }
@@ -818,7 +864,7 @@ unsafe fn encode_block<const SRC: u8, const NF4: bool>(
         tail[..rem * elem_size].copy_from_slice(&block[full * 16 * elem_size..]);
         // SAFETY: `tail` holds 64 bytes, ≥ 16 elements.
         let xv = unsafe { load16::<SRC>(tail.as_ptr()) };
-        let packed8 = pack16(encode::<NF4>(xv, inv, search));
+        let packed8 = pack16(encode::<NF4, false>(xv, inv, search));
         let mut out = [0u8; 16];
         // SAFETY: `out` holds 16 bytes.
         unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), packed8) };
@@ -1000,7 +1046,8 @@ mod tests {
         })
     }
 
-    /// The codes of the bucket search equal the count of thresholds exceeded for every f32 of
+    /// The codes of the bucket search (both conversions) equal the count of thresholds exceeded
+    /// for every f32 of
     /// `[-1.03, 1.03]` (every normalized value a block can produce, with margin: `|x · inv| ≤ 1 +
     /// 2^-21`), and the oracle's codes for every 4099th of them and for NaN.
     #[test]
@@ -1048,8 +1095,9 @@ mod tests {
         // SAFETY: `lanes` holds 16 u32.
         let x = unsafe { _mm512_loadu_ps(lanes.as_ptr().cast()) };
         let one = _mm512_set1_ps(1.0);
-        let nf4 = encode::<true>(x, one, &Search::new::<true>());
-        let fp4 = encode::<false>(x, one, &Search::new::<false>());
+        let (nf4_search, fp4_search) = (Search::new::<true>(), Search::new::<false>());
+        let nf4 = encode::<true, false>(x, one, &nf4_search);
+        let fp4 = encode::<false, false>(x, one, &fp4_search);
         let nf4_count = count_exceeded(x, &codebook::NF4_THRESHOLDS);
         let level = count_exceeded(_mm512_abs_ps(x), &codebook::FP4_THRESHOLDS);
         let pattern = _mm512_permutexvar_epi32(level, {
@@ -1061,6 +1109,13 @@ mod tests {
         let fp4_count = _mm512_mask_or_epi32(pattern, negative, pattern, _mm512_set1_epi32(8));
         let mut bad = (_mm512_cmpneq_epi32_mask(nf4, nf4_count).count_ones()
             + _mm512_cmpneq_epi32_mask(fp4, fp4_count).count_ones()) as usize;
+        // The `CLEAN` bucket (no conversion) for the lanes that are not NaN.
+        let finite = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(x, x);
+        let nf4_clean = encode::<true, true>(x, one, &nf4_search);
+        let fp4_clean = encode::<false, true>(x, one, &fp4_search);
+        bad += (_mm512_mask_cmpneq_epi32_mask(finite, nf4_clean, nf4_count).count_ones()
+            + _mm512_mask_cmpneq_epi32_mask(finite, fp4_clean, fp4_count).count_ones())
+            as usize;
         if with_oracle {
             let (mut a, mut b) = ([0i32; 16], [0i32; 16]);
             // SAFETY: `a` and `b` hold 16 i32.
