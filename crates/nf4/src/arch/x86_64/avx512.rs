@@ -576,38 +576,64 @@ unsafe fn quantize_blocks<const SRC: u8, const NF4: bool>(
     }
 }
 
-/// The maximum of each of 16 vectors, as one vector (lane `i` = max of `a[i]`'s lanes), by a
-/// transposing tree: 45 unsigned-max and shuffle instructions instead of 16 separate reductions.
+/// The maximum of each of 16 vectors, as one vector of dwords (lane `i` = max of `a[i]`'s
+/// lanes), by a transposing tree instead of 16 separate reductions: unsigned 32-bit lanes
+/// (`WORDS = false`, 45 instructions) or unsigned 16-bit lanes (`WORDS`, 52 instructions: a first
+/// level pairs the words of two vectors, the 32-bit tree then runs on 8 vectors with 16-bit
+/// maxima, and a last level folds the two partial maxima of each vector).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn max16_epu32(a: &[__m512i; 16]) -> __m512i {
-    let pair = |x: __m512i, y: __m512i| {
-        _mm512_max_epu32(_mm512_unpacklo_epi32(x, y), _mm512_unpackhi_epi32(x, y))
+fn max16<const WORDS: bool>(a: &[__m512i; 16]) -> __m512i {
+    let max = |x: __m512i, y: __m512i| {
+        if WORDS {
+            _mm512_max_epu16(x, y)
+        } else {
+            _mm512_max_epu32(x, y)
+        }
     };
-    let quad = |x: __m512i, y: __m512i| {
-        _mm512_max_epu32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y))
-    };
+    let pair =
+        |x: __m512i, y: __m512i| max(_mm512_unpacklo_epi32(x, y), _mm512_unpackhi_epi32(x, y));
+    let quad =
+        |x: __m512i, y: __m512i| max(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
     // Lanes 0, 2 | 1, 3 of each source, 128 bits at a time.
     let halves = |x: __m512i, y: __m512i| {
-        _mm512_max_epu32(
+        max(
             _mm512_shuffle_i32x4::<0b10_00_10_00>(x, y),
             _mm512_shuffle_i32x4::<0b11_01_11_01>(x, y),
         )
     };
-    let c: [__m512i; 4] = core::array::from_fn(|j| {
-        quad(
-            pair(a[4 * j], a[4 * j + 1]),
-            pair(a[4 * j + 2], a[4 * j + 3]),
+    if !WORDS {
+        let c: [__m512i; 4] = core::array::from_fn(|j| {
+            quad(
+                pair(a[4 * j], a[4 * j + 1]),
+                pair(a[4 * j + 2], a[4 * j + 3]),
+            )
+        });
+        return halves(halves(c[0], c[1]), halves(c[2], c[3]));
+    }
+    // Word `2i` of vector `j` then holds partial maxima of `a[2j]`, word `2i + 1` of `a[2j + 1]`.
+    let w: [__m512i; 8] = core::array::from_fn(|j| {
+        max(
+            _mm512_unpacklo_epi16(a[2 * j], a[2 * j + 1]),
+            _mm512_unpackhi_epi16(a[2 * j], a[2 * j + 1]),
         )
     });
-    halves(halves(c[0], c[1]), halves(c[2], c[3]))
+    let c: [__m512i; 2] = core::array::from_fn(|j| {
+        quad(
+            pair(w[4 * j], w[4 * j + 1]),
+            pair(w[4 * j + 2], w[4 * j + 3]),
+        )
+    });
+    // Words 0–7 and 8–15 now hold two partial maxima of a[0..8], words 16–31 of a[8..16].
+    let v = halves(c[0], c[1]);
+    _mm512_cvtepu16_epi32(_mm512_castsi512_si256(halves(v, v)))
 }
 
 /// Pass 1 over 16 whole blocks of 64 or 128 elements: their absmax, written to `absmax`.
 ///
 /// Keeps one running maximum per block (sign-cleared bit patterns, compared as unsigned
-/// integers: for non-NaN values the same order as the magnitudes; f16/bf16 two elements per
-/// 32-bit lane, folded afterwards) and reduces all 16 with [`max16_epu32`]; a block whose maximum
+/// integers: for non-NaN values the same order as the magnitudes; f16/bf16 in 16-bit lanes) and
+/// reduces all 16 with [`max16`]; a block whose maximum
 /// is a NaN pattern is redone by [`block_absmax`] (NaN ignored). Returns how to encode the group
 /// ([`Group`]: from the same bit patterns); unless it goes to the oracle, prefetches the 16
 /// reciprocal table entries that [`encode16`] will read.
@@ -639,14 +665,13 @@ unsafe fn absmax16<const SRC: u8>(x: &[u8], bs: usize, absmax: &mut [f32]) -> Gr
                 _mm512_max_epu16(m, r)
             };
         }
-        *acc = if SRC == SRC_F32 {
-            m
-        } else {
-            let low = _mm512_and_si512(m, _mm512_set1_epi32(0xffff));
-            _mm512_max_epu32(low, _mm512_srli_epi32::<16>(m))
-        };
+        *acc = m;
     }
-    let bits = max16_epu32(&acc);
+    let bits = if SRC == SRC_F32 {
+        max16::<false>(&acc)
+    } else {
+        max16::<true>(&acc)
+    };
     let (infinity, values) = match SRC {
         SRC_F32 => (0x7f80_0000, _mm512_castsi512_ps(bits)),
         SRC_BF16 => (0x7f80, _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits))),
