@@ -10,7 +10,9 @@
 //! **Quantize.** absmax by `vmaxps(|x|, acc)` (NaN ignored), `xn = x * (1/absmax)`, NF4 code by
 //! counting the 15 thresholds strictly exceeded (`_CMP_GT_OQ`), FP4 by the sign test and counting
 //! the 7 magnitude thresholds; the zero-padded last vector of a partial block goes through a stack
-//! buffer.
+//! buffer. Blocks go in groups of 2048 elements: the absmax of the next group is reduced (and its
+//! reciprocal table entries prefetched) before this group is encoded, and the input two groups
+//! ahead is prefetched into L2 while it is.
 
 use crate::kernel::{self, Dense, DenseMut, DequantJob, Kernel as KernelTrait};
 use crate::{codebook, scalar, AbsmaxView, Element, QuantType};

@@ -13,8 +13,10 @@
 //! **Quantize.** absmax by `vmaxps(|x|, acc)`, which returns its second operand when the first is
 //! NaN (NaN ignored, like `f32::max`); for f16/bf16 by `vpmaxuw` over the sign-cleared bit
 //! patterns (32 per instruction, the same order as the magnitudes), redone in f32 when a NaN
-//! pattern shows up. `xn = x · inv` with `inv` the GPU's reciprocal of absmax
-//! ([`fastmath::rcp_approx_ftz`]). Codes by bucket ([`Search`]): the exact floor of
+//! pattern shows up. `xn = x · inv` (`vmulps`) with `inv` the GPU's reciprocal of absmax
+//! ([`fastmath::rcp_approx_ftz`]: the IEEE quotient `1/absmax` moved by the measured table's
+//! correction, once per block, in scalar code — 16 at once with `vdivps` and a gather measured
+//! slower). Codes by bucket ([`Search`]): the exact floor of
 //! `xn·scale + offset` (an FMA rounded toward −∞, truncated) picks one of 32 buckets (16 for FP4
 //! magnitudes), narrower than the gap between two thresholds; two permutes fetch the count of
 //! thresholds below the bucket and the one threshold inside it, and one `vcmpps` `_CMP_GT_OQ`
@@ -22,7 +24,11 @@
 //! oracle's tree (NaN: bucket 0, code 0). 64 codes are packed at once
 //! (`vpackusdw`/`vpackuswb`, `vpmaddubsw` with `[16, 1]` to join the nibble pairs, one `vpermw`
 //! to restore element order — which also absorbs the lane order of the bf16 widening by
-//! `vpunpck{l,h}wd` against zero); partial groups use `vpmovqb`.
+//! `vpunpck{l,h}wd` against zero); partial groups use `vpmovqb`. Blocks of 64 and 128 elements go
+//! 16 at a time: pass 1 reduces their 16 maxima together (a transposing tree), pass 2 encodes
+//! them with no per-block work but a broadcast of the reciprocal; a group without NaN or infinity
+//! takes the bucket with no conversion (its index read from the FMA's low mantissa bits), and the
+//! input about 12 KiB ahead is prefetched into L2 while a group is encoded.
 
 use crate::kernel::{self, Dense, DenseMut, DequantJob, Kernel as KernelTrait};
 use crate::{codebook, scalar, AbsmaxView, Element, QuantType};
