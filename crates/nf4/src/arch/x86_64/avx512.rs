@@ -14,9 +14,9 @@
 //! NaN (NaN ignored, like `f32::max`); for f16/bf16 by `vpmaxuw` over the sign-cleared bit
 //! patterns (32 per instruction, the same order as the magnitudes), redone in f32 when a NaN
 //! pattern shows up. `xn = x · inv` (`vmulps`) with `inv` the GPU's reciprocal of absmax
-//! ([`fastmath::rcp_approx_ftz`]: the IEEE quotient `1/absmax` moved by the measured table's
-//! correction, once per block, in scalar code — 16 at once with `vdivps` and a gather measured
-//! slower). Codes by bucket ([`Search`]): the exact floor of
+//! ([`fastmath::rcp_approx_ftz`]: the IEEE quotient `1/absmax` — one `vdivps` for 16 blocks of
+//! 64 or 128 — moved by the measured table's correction, one scalar lookup per block). Codes by
+//! bucket ([`Search`]): the exact floor of
 //! `xn·scale + offset` (an FMA rounded toward −∞, truncated) picks one of 32 buckets (16 for FP4
 //! magnitudes), narrower than the gap between two thresholds; two permutes fetch the count of
 //! thresholds below the bucket and the one threshold inside it, and one `vcmpps` `_CMP_GT_OQ`
@@ -861,9 +861,26 @@ unsafe fn encode16<const SRC: u8, const NF4: bool, const CLEAN: bool>(
     ahead: *const u8,
 ) {
     let elem_size = if SRC == SRC_F32 { 4 } else { 2 };
-    // One table lookup per block: the GPU's reciprocal (prefetched by pass 1). (Scalar: 16 at
-    // once by `vdivps` and `vpgatherdd`, or `vdivps` and 16 scalar lookups, measured slower.)
-    let inv: [f32; 16] = core::array::from_fn(|b| fastmath::rcp_approx_ftz(absmax[b]));
+    // The GPU's reciprocals: the IEEE quotients of the 16 blocks at once (`vdivps`), and which of them take the table's
+    // correction: all but those from 2^126 on (the result is 0; no absmax here is tiny). The
+    // corrections are applied in the loop, one block at a time: 16 scalar quotients, a gather
+    // of the table entries, or 16 lookups stored and reloaded as a vector (a failed store
+    // forwarding) each measured 10–15 % slower.
+    let (mut ieee, mut corrected) = ([0u32; 16], [0u32; 16]);
+    // SAFETY: `absmax`, `ieee` and `corrected` hold 16 values of 4 bytes.
+    unsafe {
+        let a = _mm512_loadu_ps(absmax.as_ptr());
+        let normal = _mm512_cmplt_epu32_mask(
+            _mm512_castps_si512(a),
+            _mm512_set1_epi32(fastmath::RCP_FLUSH_FROM_BITS as i32),
+        );
+        let q = _mm512_castps_si512(_mm512_div_ps(_mm512_set1_ps(1.0), a));
+        _mm512_storeu_si512(ieee.as_mut_ptr().cast(), _mm512_maskz_mov_epi32(normal, q));
+        _mm512_storeu_si512(
+            corrected.as_mut_ptr().cast(),
+            _mm512_maskz_mov_epi32(normal, _mm512_set1_epi32(-1)),
+        );
+    }
     let shift = (bs / 64).trailing_zeros();
     for c in 0..16 * bs / 64 {
         if !ahead.is_null() {
@@ -873,7 +890,11 @@ unsafe fn encode16<const SRC: u8, const NF4: bool, const CLEAN: bool>(
                 _mm_prefetch::<_MM_HINT_T1>(line.cast());
             }
         }
-        let inv = _mm512_set1_ps(inv[c >> shift]);
+        // One table lookup per block (the entries were prefetched by pass 1): the GPU's
+        // reciprocal.
+        let b = c >> shift;
+        let correction = fastmath::rcp_correction(absmax[b]) as u32 & corrected[b];
+        let inv = _mm512_set1_ps(f32::from_bits(ieee[b].wrapping_add(correction)));
         // SAFETY: elements 64c .. 64c + 64 lie inside `x` and their 32 packed bytes inside
         // `packed`.
         unsafe {
