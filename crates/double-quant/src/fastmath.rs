@@ -31,9 +31,9 @@
 /// `bits(rcp_approx(x)) = bits(1/x) + v − 1` for mantissa `m`.
 static RCP_TABLE: &[u8; 1 << 21] = include_bytes!("../data/rcp_approx_ftz_sm90.bin");
 
-/// Bit pattern of `2^126`: from here on the reciprocal would be subnormal (or is 2^-126, which
-/// `MUFU.RCP` flushes as well) and comes out as ±0.
-const RCP_FLUSH_FROM: u32 = 0x7e80_0000;
+/// Bit pattern of `2^126`: from here on (in magnitude) the reciprocal would be subnormal (or is
+/// 2^-126, which `MUFU.RCP` flushes as well) and [`rcp_approx_ftz`] returns ±0.
+pub const RCP_FLUSH_FROM_BITS: u32 = 0x7e80_0000;
 
 /// The correction `v − 1 ∈ {−1, 0, +1}` of mantissa `m` (the low 23 bits of `bits`).
 #[inline(always)]
@@ -57,7 +57,7 @@ pub fn rcp_approx_ftz(x: f32) -> f32 {
     let a = bits & 0x7fff_ffff;
     if a < 0x0080_0000 {
         f32::from_bits(sign | 0x7f80_0000)
-    } else if a >= RCP_FLUSH_FROM {
+    } else if a >= RCP_FLUSH_FROM_BITS {
         if a > 0x7f80_0000 {
             x
         } else {
@@ -66,6 +66,23 @@ pub fn rcp_approx_ftz(x: f32) -> f32 {
     } else {
         f32::from_bits((1.0f32 / x).to_bits().wrapping_add(correction(bits)))
     }
+}
+
+/// The correction of [`rcp_approx_ftz`] for `x`, in ulps (−1, 0 or +1): where the reciprocal is a
+/// normal number, `bits(rcp_approx_ftz(x)) = bits(1/x) + rcp_correction(x)`. For SIMD kernels
+/// that compute several IEEE quotients at once and apply the table lane by lane.
+///
+/// ```
+/// use qlora_double_quant::fastmath::{rcp_approx_ftz, rcp_correction};
+///
+/// for x in [0.017f32, 0.03, 3.0, 1.5e-20] {
+///     let ieee = (1.0f32 / x).to_bits();
+///     assert_eq!(rcp_approx_ftz(x).to_bits(), ieee.wrapping_add(rcp_correction(x) as u32));
+/// }
+/// ```
+#[inline(always)]
+pub fn rcp_correction(x: f32) -> i32 {
+    correction(x.to_bits()) as i32
 }
 
 /// A hint that [`rcp_approx_ftz`]`(x)` is coming: starts loading the cache line of the table entry
@@ -195,8 +212,11 @@ mod tests {
         assert_eq!(rcp_approx_ftz(f32::INFINITY).to_bits(), 0);
         assert_eq!(rcp_approx_ftz(f32::NEG_INFINITY).to_bits(), 0x8000_0000);
         assert_eq!(rcp_approx_ftz(f32::MAX).to_bits(), 0);
-        assert_eq!(rcp_approx_ftz(f32::from_bits(RCP_FLUSH_FROM)).to_bits(), 0);
-        let below = f32::from_bits(RCP_FLUSH_FROM - 1);
+        assert_eq!(
+            rcp_approx_ftz(f32::from_bits(RCP_FLUSH_FROM_BITS)).to_bits(),
+            0
+        );
+        let below = f32::from_bits(RCP_FLUSH_FROM_BITS - 1);
         assert!(rcp_approx_ftz(below).is_normal());
         assert!(rcp_approx_ftz(f32::NAN).is_nan());
         assert_eq!(rcp_approx_ftz(f32::MIN_POSITIVE), 2f32.powi(126));

@@ -90,38 +90,37 @@
 //! |---|---|---|
 //! | dequantize NF4 + double quant → bf16 | 13.7 | 0.97 |
 //! | dequantize NF4 → f32 / → f16 | 6.9 / 13.5 | 0.98 / 1.09 |
-//! | quantize bf16 → NF4 | 7.6 | 0.56 |
-//! | quantize bf16 → NF4 + double quant | 7.2 | 0.52 |
-//! | quantize f32 → NF4 + double quant | 6.5 | 0.89 |
+//! | quantize f32 → NF4 / FP4 | 4.9–6.1 | 0.72–1.03 |
+//! | quantize bf16 → NF4 / FP4 | 7.5–10.4 | 0.61–0.76 |
+//! | quantize f16 → NF4 / FP4 | 8.3–9.7 | 0.65–0.83 |
+//! | quantize bf16 / f16 → FP4 + double quant | 7.2–9.1 | 0.57–0.68 |
 //!
-//! Dequantization runs at memory speed (streaming stores for large outputs). Quantization is
-//! compute-bound at about 3.6 G elements/s per core (in cache 4.05 at block 64, 4.3 at 128: a
-//! 4-step threshold search per element, 16 blocks reduced at once); double quantization of the
-//! 1 Mi absmax values adds about 0.8 ms.
+//! (Quantize rows: three `qlora bench` runs, memcpy 23–36 GB/s, load average 1.3–1.5 besides
+//! the bench.) Dequantization runs at memory speed (streaming stores for large outputs).
+//! Quantization at block 64 runs, in cache on one core, at 6.1–6.6 G elements/s for NF4 and
+//! 5.4–6.0 for FP4: per 16 elements a multiply, the bucket search of the AVX-512 kernel (an FMA,
+//! two permutes and one compare instead of a 4-step threshold search) and a share of the packing;
+//! per 16 blocks one transposing reduction of their maxima and one `vdivps` for their
+//! reciprocals, corrected by one lookup per block in the GPU's 2 MiB reciprocal table
+//! ([`qlora_double_quant::fastmath::rcp_correction`], prefetched when the absmax is known, a
+//! group of blocks ahead). From memory the input is prefetched into L2 12 KiB ahead (hardware
+//! prefetchers stop at 4 KiB pages). Double quantization of the 1 Mi absmax values adds about
+//! 0.5 ms.
 //!
-//! The GPU's reciprocal (one lookup per block in the 2 MiB table of
-//! [`qlora_double_quant::fastmath::rcp_approx_ftz`]) misses the cache while a large tensor
-//! streams through: sampled with `perf` at block 64, the wait for that load was about 9 % of the
-//! quantize kernel's time. The AVX-512 and AVX2 kernels therefore reduce the next group of blocks
-//! before encoding the current one and prefetch its table entries
-//! ([`fastmath::prefetch_rcp_approx_ftz`](qlora_double_quant::fastmath::prefetch_rcp_approx_ftz));
-//! the AVX-512 one also prefetches the input of the group after that. The bytes are the same;
-//! the CPU time of the quantize kernels at block 64 fell by 14 % (perf samples of a one-thread
-//! `qlora bench` run: 12.6 K → 10.8 K) and the table load left the profile. `qlora bench`, NF4
-//! quantize (no double quant) as a fraction of the memcpy of the same run, main's kernels before
-//! this change → after, 64 Mi elements, best of three runs; measured on the same 2-core Zen 4 VM
-//! while two other builds ran (load average 3.5–5.4, so one and two threads both time-share the
-//! cores and these ratios are low and noisy; the quiet table above is the reference):
+//! `qlora bench --threads 2 --blocksize 64`, quantize as a fraction of the memcpy of the same
+//! run, the kernels before the bucket search, the vector reciprocals and the L2 prefetch → after
+//! (same bytes), three alternating runs each, same VM, load average 1.3–1.5 besides the bench:
 //!
-//! | input, block | 1 thread | 2 threads |
-//! |---|---|---|
-//! | f32, 64 | 0.26 → 0.33 | 0.29 → 0.38 |
-//! | bf16, 64 | 0.38 → 0.44 | 0.30 → 0.29 |
-//! | f32, 4096 | 0.54 → 0.52 | 0.89 → 1.14 |
-//! | bf16, 4096 | 0.45 → 0.46 | 0.72 → 0.50 |
+//! | input | NF4 | NF4 + dq | FP4 | FP4 + dq |
+//! |---|---|---|---|---|
+//! | f32 | 0.43–0.44 → 0.81–1.03 | 0.39–0.43 → 0.73–0.78 | 0.40–0.44 → 0.72–0.80 | 0.38–0.41 → 0.69–0.75 |
+//! | bf16 | 0.36–0.46 → 0.70–0.76 | 0.35–0.37 → 0.63–0.68 | 0.36–0.41 → 0.61–0.71 | 0.36–0.38 → 0.57–0.63 |
+//! | f16 | 0.36–0.40 → 0.70–0.76 | 0.36–0.38 → 0.61–0.67 | 0.34–0.37 → 0.65–0.83 | 0.32–0.35 → 0.59–0.68 |
 //!
-//! At block 64 quantize stays below half of memcpy on that loaded machine, with or without the
-//! table lookup's cost; the remaining time is the first read of the input (the absmax pass).
+//! On a quiet machine memcpy reaches about 45 GB/s and the 16-bit FP4 + double quant cases come
+//! to 0.45–0.55 of it (measured one step before the last prefetch change, worth 3–7 % for
+//! f16/bf16); quantization is then compute-bound (one core at block 4096, without the
+//! per-block work, reaches 7.7 G elements/s for bf16 → NF4).
 //!
 //! [`QuantizedTensor::gemv`] multiplies a 4-bit matrix by a few token vectors straight from the
 //! packed codes (module [`gemv`]: a per-block table of dequantized values looked up with

@@ -239,6 +239,24 @@ fn quantize_matches_oracle_everywhere() {
                     check_quantize(imp, qt, &x, bs);
                     check_quantize(imp, qt, &convert::<f16>(&x), bs);
                     check_quantize(imp, qt, &convert::<bf16>(&x), bs);
+                    // Finite values only (AVX-512: groups of blocks without NaN or infinity take
+                    // the bucket search without conversion), still with subnormal values,
+                    // thresholds, ±f32::MAX (absmax ≥ 2^126: reciprocal 0) and tiny blocks.
+                    let x: Vec<f32> = x
+                        .iter()
+                        .map(|&v| if v.is_finite() { v } else { -0.25 })
+                        .collect();
+                    check_quantize(imp, qt, &x, bs);
+                    check_quantize(imp, qt, &convert::<f16>(&x), bs);
+                    check_quantize(imp, qt, &convert::<bf16>(&x), bs);
+                    check_quantize(
+                        imp,
+                        qt,
+                        &y.iter()
+                            .map(|&v| if v.is_finite() { v } else { 0.125 })
+                            .collect::<Vec<f32>>(),
+                        bs,
+                    );
                 }
             }
         }
@@ -399,5 +417,46 @@ fn dispatch_reports_a_usable_implementation() {
             assert!(Implementation::Avx2.is_available());
         }
         assert!(!Implementation::Neon.is_available());
+    }
+}
+
+/// Whole groups of 16 blocks of 64 whose only unusual values are tiny negative inputs (subnormal,
+/// or below 2^-98 with an absmax above 1) or a large absmax (above 2^24) next to a small negative
+/// value: there flush-to-zero decides FP4's sign (the input or the product is flushed to −0.0:
+/// code 0, not 8), which the AVX-512 kernel's signed-bucket FP4 path must not see.
+#[test]
+fn fp4_sign_under_flush_to_zero_matches_oracle() {
+    let mut rng = Rng(0x5eed_f10a_7000_0001);
+    let bs = 64;
+    for imp in fast_impls() {
+        for case in 0..4 {
+            let mut x: Vec<f32> = (0..48 * bs).map(|_| rng.unit() - 0.5).collect();
+            for g in 0..3 {
+                let block = &mut x[(16 * g + 5) * bs..(16 * g + 6) * bs];
+                match case {
+                    // A subnormal input (flushed: code 0) in an ordinary block.
+                    0 => block[7] = -1e-40,
+                    // A tiny normal input whose product with 1/1024 is subnormal.
+                    1 => {
+                        block[0] = 1024.0;
+                        block[9] = -2f32.powi(-120);
+                    }
+                    // A large absmax: −1e-28 (above 2^-98) · (1/2^40) is subnormal.
+                    2 => {
+                        block[0] = 2f32.powi(40);
+                        block[3] = -1e-28;
+                    }
+                    // Just above the kernel's limits: still exact.
+                    _ => {
+                        block[0] = 2f32.powi(24);
+                        block[3] = -2f32.powi(-98);
+                    }
+                }
+            }
+            for qt in QUANT_TYPES {
+                check_quantize(imp, qt, &x, bs);
+                check_quantize(imp, qt, &convert::<bf16>(&x), bs);
+            }
+        }
     }
 }
