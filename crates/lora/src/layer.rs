@@ -396,9 +396,9 @@ impl LoraView<'_> {
         let xd_owned = keep.as_ref().map(|k| k.apply(x));
         let xd = xd_owned.as_deref().unwrap_or(x);
         // U = Xd · Aᵀ   [n, r]
-        let u = matmul::mul(view(xd, n, in_f), view(&self.a, r, in_f).transpose(), 1.0);
+        let u = matmul::mul(view(xd, n, in_f), view(self.a, r, in_f).transpose(), 1.0);
         // L = U · Bᵀ    [n, out] (unscaled)
-        let l = matmul::mul(view(&u, n, r), view(&self.b, out_f, r).transpose(), 1.0);
+        let l = matmul::mul(view(&u, n, r), view(self.b, out_f, r).transpose(), 1.0);
         // `y` is fresh zeros: accumulate instead of zeroing it again.
         self.base.x_wt(x, n, &mut y, true)?;
         let dora = if let Some(m) = &self.magnitude {
@@ -500,11 +500,11 @@ impl LoraView<'_> {
         // dB = s · Gcᵀ U   [out, r]
         let db = matmul::mul(view(gc, n, out_f).transpose(), view(&cache.u, n, r), s);
         // GB = Gc · B      [n, r]
-        let gb = matmul::mul(view(gc, n, out_f), view(&self.b, out_f, r), 1.0);
+        let gb = matmul::mul(view(gc, n, out_f), view(self.b, out_f, r), 1.0);
         // dA = s · GBᵀ Xd  [r, in]
         let da = matmul::mul(view(&gb, n, r).transpose(), view(xd, n, in_f), s);
         // Branch gradient wrt Xd: s·GB·A (+ (G⊙(c−1))·W for DoRA with dropout).
-        let mut dxd = matmul::mul(view(&gb, n, r), view(&self.a, r, in_f), s);
+        let mut dxd = matmul::mul(view(&gb, n, r), view(self.a, r, in_f), s);
         let mut dx = vec![0.0f32; n * in_f];
         match (&cache.dora, &cache.keep) {
             (Some(d), Some(_)) => {

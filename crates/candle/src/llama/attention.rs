@@ -458,6 +458,7 @@ mod tests {
     use candle_core::{Device, Var, D};
 
     /// The composed form the model uses off the CPU, on `[b, t, heads·d]` projections.
+    #[allow(clippy::too_many_arguments)]
     fn composed(
         q: &Tensor,
         k: &Tensor,
