@@ -516,6 +516,51 @@ pub fn quantize_into<T: Element>(
     Implementation::active().quantize_into(quant_type, input, blocksize, packed, absmax)
 }
 
+/// Quantize `input` with double quantization into caller-provided buffers (no allocation):
+/// [`quantize_into`] (`absmax` receives the f32 absmax values), then the 8-bit double
+/// quantization of those values into `codes` (one per block) and `nested_absmax` (one per
+/// [`NESTED_BLOCKSIZE`] blocks, rounded up); returns the offset. The same bytes as
+/// [`quantize_into`] followed by [`double_quantize_absmax`], faster: the mean of the absmax
+/// values (the offset) is gathered while each range's values are still in cache
+/// ([`qlora_double_quant::MeanScan`]), instead of in a separate pass.
+///
+/// ```
+/// use qlora_codec::{double_quantize_absmax, quantize_double_into, QuantType};
+///
+/// let x: Vec<f32> = (0..100_000).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+/// let blocks = x.len().div_ceil(64);
+/// let (mut packed, mut absmax) = (vec![0u8; x.len() / 2], vec![0f32; blocks]);
+/// let (mut codes, mut nested) = (vec![0u8; blocks], vec![0f32; blocks.div_ceil(256)]);
+/// let offset = quantize_double_into(
+///     QuantType::Nf4, &x, 64, &mut packed, &mut absmax, &mut codes, &mut nested,
+/// )?;
+/// let dq = double_quantize_absmax(&absmax);
+/// assert_eq!((offset, codes, nested), (dq.offset, dq.codes, dq.nested_absmax));
+/// # Ok::<(), qlora_codec::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::BlockSize`] or [`Error::Length`] when a buffer's length does not fit `input`.
+pub fn quantize_double_into<T: Element>(
+    quant_type: QuantType,
+    input: &[T],
+    blocksize: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+    codes: &mut [u8],
+    nested_absmax: &mut [f32],
+) -> Result<f32, Error> {
+    Implementation::active().quantize_double_into(
+        quant_type,
+        input,
+        blocksize,
+        packed,
+        absmax,
+        codes,
+        nested_absmax,
+    )
+}
+
 /// Double-quantize per-block absmax values: [`DoubleQuantAbsmax::compress`] (bitsandbytes'
 /// `compress_statistics`; the SIMD encoder of the 8-bit map, on the rayon pool when large). Pair
 /// it with [`quantize_into`] to quantize into reused buffers with double quantization.
