@@ -29,6 +29,9 @@
 //!   then reproduces bitsandbytes' nested codes and absmax exactly), the centred values quantized
 //!   with the signed map in blocks of [`NESTED_BLOCKSIZE`] = 256, reconstructed as
 //!   `f32(f32(map[q] * nested_absmax[j / 256]) + offset)`.
+//!   [`DoubleQuantAbsmax::compress_with_offset_into`] writes into reused buffers, and
+//!   [`MeanScan`] gathers the offset chunk by chunk while the absmax values are computed (what
+//!   `qlora_codec::quantize_double_into` does), with the same value as [`absmax_mean`].
 //!
 //! # Example
 //!
@@ -90,8 +93,10 @@
 //! | [`absmax_mean`], 1 Mi values (AVX2 scan, exact path) | 11 G |
 //! | [`DoubleQuantAbsmax::compress`], 1 Mi absmax values, 2 threads | 2.2 G |
 //!
-//! [`absmax_mean`] sums on the rayon pool when the f64 sum is provably independent of the order
-//! (in practice for the absmax of bf16/f16 weights), else left to right; both give the same bits.
+//! [`absmax_mean`] sums on the rayon pool (from 512 Ki values) when the f64 sum is provably
+//! independent of the order (in practice for the absmax of bf16/f16 weights), else left to right;
+//! both give the same bits. The centring of [`DoubleQuantAbsmax::compress`] runs on 16 lanes with
+//! AVX-512.
 //!
 //! # Features
 //!
