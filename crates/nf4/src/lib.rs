@@ -138,7 +138,7 @@
 //! | f16 | 8.87 → 9.02 | 8.16 → 8.77 | 8.46 → 8.74 | 7.79 → 8.33 |
 //!
 //! Double quantization now costs 3–5 % over plain quantization (7–9 % before). The best runs,
-//! 8.98 (f16 FP4 + dq) to 11.3 (bf16 NF4) G elements/s, are 0.47–0.55 of a memcpy at 48 GB/s:
+//! 8.98 (f16 FP4 + dq) to 11.3 (bf16 NF4) G elements/s, are 0.47–0.61 of a memcpy at 48 GB/s:
 //! the f16 cases with double quant stay just under 0.5 when memcpy runs at full speed.
 //!
 //! [`QuantizedTensor::gemv`] multiplies a 4-bit matrix by a few token vectors straight from the
