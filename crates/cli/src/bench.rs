@@ -5,14 +5,16 @@
 //! it counts the bytes really moved — the dense tensor, the packed codes and the absmax storage
 //! (f32 per block, or the double-quantized codes + nested scales + offset) — and times the best of
 //! `--reps` runs after a warm-up, on buffers touched beforehand (no page faults in the timing).
+//! Quantization with double quant is `quantize_double_into` (one call, into the same reused
+//! buffers: the absmax codes and nested scales too).
 //! The memcpy baseline copies half that many bytes (so it also moves them, read + write), split
 //! over the same threads, measured right after each case.
 
 use clap::Args;
 use half::{bf16, f16};
 use qlora_codec::{
-    dequantize_into, double_quantize_absmax, num_blocks, packed_len, quantize_into, AbsmaxView,
-    Element, Implementation, QuantType,
+    dequantize_into, num_blocks, packed_len, quantize_double_into, quantize_into, AbsmaxView,
+    Element, Implementation, QuantType, NESTED_BLOCKSIZE,
 };
 use rayon::prelude::*;
 use std::time::Instant;
@@ -145,31 +147,45 @@ fn bench_dtype<T: Element>(
     let mut out: Vec<T> = vec![T::from_f32(1.0); n];
     let mut packed = vec![0u8; packed_len(n)];
     let mut absmax = vec![0f32; num_blocks(n, bs)];
+    let mut dq_codes = vec![0u8; absmax.len()];
+    let mut dq_nested = vec![0f32; absmax.len().div_ceil(NESTED_BLOCKSIZE)];
     let dense = n * std::mem::size_of::<T>();
     for qt in [QuantType::Nf4, QuantType::Fp4] {
         for dq in [false, true] {
-            // Quantize into reused buffers, then double-quantize the absmax values when asked.
-            let mut tensor = None;
+            // Quantize into reused buffers, with double quantization when asked.
+            let mut offset = 0.0;
             let mut err = None;
             let seconds = best_of(args.reps, || {
-                if let Err(e) = quantize_into(qt, &input, bs, &mut packed, &mut absmax) {
+                let done = if dq {
+                    quantize_double_into(
+                        qt,
+                        &input,
+                        bs,
+                        &mut packed,
+                        &mut absmax,
+                        &mut dq_codes,
+                        &mut dq_nested,
+                    )
+                    .map(|o| offset = o)
+                } else {
+                    quantize_into(qt, &input, bs, &mut packed, &mut absmax)
+                };
+                if let Err(e) = done {
                     err = Some(e);
-                }
-                if dq {
-                    tensor = Some(double_quantize_absmax(&absmax));
                 }
             });
             if let Some(e) = err {
                 return Err(format!("quantize: {e}"));
             }
             let codes = &packed[..];
-            let view = match &tensor {
-                Some(d) => AbsmaxView::Double {
-                    codes: &d.codes,
-                    nested_absmax: &d.nested_absmax,
-                    offset: d.offset,
-                },
-                None => AbsmaxView::F32(&absmax),
+            let view = if dq {
+                AbsmaxView::Double {
+                    codes: &dq_codes,
+                    nested_absmax: &dq_nested,
+                    offset,
+                }
+            } else {
+                AbsmaxView::F32(&absmax)
             };
             let bytes = dense + codes.len() + absmax_bytes(view);
             records.push(Record {

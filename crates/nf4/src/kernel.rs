@@ -8,7 +8,7 @@
 
 use crate::{scalar, AbsmaxView, Element, QuantType, QuantizedTensor, PARALLEL_THRESHOLD};
 use half::{bf16, f16};
-use qlora_double_quant::Implementation;
+use qlora_double_quant::{Implementation, MeanScan};
 use rayon::prelude::*;
 use std::any::TypeId;
 
@@ -87,6 +87,54 @@ pub trait CodecKernels: Copy + Into<Implementation> {
         let imp: Implementation = self.into();
         with_kernel!(imp, k => drive_quantize(k, quant_type, input, blocksize, packed, absmax));
         Ok(())
+    }
+
+    /// [`crate::quantize_double_into`] with this implementation (the double quantization runs
+    /// `qlora-double-quant`'s kernels, which follow the process's one choice).
+    ///
+    /// # Panics
+    /// If the implementation is not [available](Implementation::is_available) here.
+    #[allow(clippy::too_many_arguments)]
+    fn quantize_double_into<T: Element>(
+        self,
+        quant_type: QuantType,
+        input: &[T],
+        blocksize: usize,
+        packed: &mut [u8],
+        absmax: &mut [f32],
+        codes: &mut [u8],
+        nested_absmax: &mut [f32],
+    ) -> Result<f32, crate::Error> {
+        crate::validate_quantize(input.len(), blocksize, packed, absmax)?;
+        crate::check_len("codes", absmax.len(), codes.len())?;
+        crate::check_len(
+            "nested_absmax",
+            absmax.len().div_ceil(qlora_double_quant::NESTED_BLOCKSIZE),
+            nested_absmax.len(),
+        )?;
+        let imp: Implementation = self.into();
+        let scan = with_kernel!(imp, k => drive_quantize_scan(k, quant_type, input, blocksize, packed, absmax));
+        let dq_len = |e: qlora_double_quant::Error| match e {
+            qlora_double_quant::Error::Length {
+                what,
+                expected,
+                found,
+            } => crate::Error::Length {
+                what,
+                expected,
+                found,
+            },
+            qlora_double_quant::Error::BlockSize(b) => crate::Error::BlockSize(b),
+        };
+        let offset = scan.mean(absmax).map_err(dq_len)?;
+        qlora_double_quant::DoubleQuantAbsmax::compress_with_offset_into(
+            absmax,
+            offset,
+            codes,
+            nested_absmax,
+        )
+        .map_err(dq_len)?;
+        Ok(offset)
     }
 
     /// [`crate::dequantize_into`] with this implementation.
@@ -329,6 +377,33 @@ pub(crate) fn drive_quantize<K: Kernel, T: Element>(
         .zip(packed.par_chunks_mut(bpt * bs / 2))
         .zip(absmax.par_chunks_mut(bpt))
         .for_each(|((x, p), a)| quantize_chunk(k, qt, x, bs, p, a));
+}
+
+/// [`drive_quantize`], and the [`MeanScan`] of the absmax values, each task's scanned right after
+/// it wrote them (in L1) instead of in a second pass over the whole vector.
+pub(crate) fn drive_quantize_scan<K: Kernel, T: Element>(
+    k: K,
+    qt: QuantType,
+    input: &[T],
+    bs: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) -> MeanScan {
+    if input.len() < PARALLEL_THRESHOLD {
+        quantize_chunk(k, qt, input, bs, packed, absmax);
+        return MeanScan::of(absmax);
+    }
+    let bpt = blocks_per_task(bs);
+    input
+        .par_chunks(bpt * bs)
+        .zip(packed.par_chunks_mut(bpt * bs / 2))
+        .zip(absmax.par_chunks_mut(bpt))
+        .map(|((x, p), a)| {
+            quantize_chunk(k, qt, x, bs, p, a);
+            MeanScan::of(a)
+        })
+        .reduce_with(MeanScan::merge)
+        .unwrap_or_else(|| MeanScan::of(&[]))
 }
 
 /// Dequantize a validated whole tensor, on the rayon pool when it is large.

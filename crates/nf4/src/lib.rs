@@ -72,14 +72,15 @@
 //!
 //! # CPU kernels
 //!
-//! [`quantize_into`], [`dequantize_into`] and [`dequantize_range_into`] run the fastest
-//! [`Implementation`] of the CPU, picked once at first use: AVX-512 (one `vpermd`/`vpermw` table
-//! lookup per 64-byte output vector, streaming stores for outputs ≥ 16 MiB), AVX2 (with F16C),
-//! NEON on aarch64, else the safe scalar oracle ([`scalar`]). [`Implementation`] is
-//! `qlora-double-quant`'s, re-exported: one choice per process for every crate's kernels, from
-//! CPU features detected once. Every implementation produces the oracle's bytes (tested for each
-//! one the machine has); `QLORA_FORCE_SCALAR=1` in the environment forces the oracle, and the
-//! methods of [`CodecKernels`] run a chosen one. Tensors of at least
+//! [`quantize_into`], [`quantize_double_into`], [`dequantize_into`] and
+//! [`dequantize_range_into`] run the fastest [`Implementation`] of the CPU, picked once at first
+//! use: AVX-512 (one `vpermd`/`vpermw` table lookup per 64-byte output vector, streaming stores
+//! for outputs ≥ 16 MiB), AVX2 (with F16C), NEON on aarch64, else the safe scalar oracle
+//! ([`scalar`]). [`Implementation`] is `qlora-double-quant`'s, re-exported: one choice per
+//! process for every crate's kernels, from CPU features detected once. Every implementation
+//! produces the oracle's bytes (tested for each one the machine has); `QLORA_FORCE_SCALAR=1` in
+//! the environment forces the oracle, and the methods of [`CodecKernels`] run a chosen one.
+//! Tensors of at least
 //! [`PARALLEL_THRESHOLD`] elements are split over the rayon pool in ranges of whole blocks.
 //! `qlora bench` prints the throughput on the machine at hand. On a 2-core AMD EPYC (Zen 4,
 //! 2.6 GHz, AVX-512) VM, 64 Mi elements, block 64, both cores; the memcpy of the same bytes in the
@@ -104,8 +105,11 @@
 //! reciprocals, corrected by one lookup per block in the GPU's 2 MiB reciprocal table
 //! ([`qlora_double_quant::fastmath::rcp_correction`], prefetched when the absmax is known, a
 //! group of blocks ahead). From memory the input is prefetched into L2 12 KiB ahead (hardware
-//! prefetchers stop at 4 KiB pages). Double quantization of the 1 Mi absmax values adds about
-//! 0.5 ms.
+//! prefetchers stop at 4 KiB pages). With double quantization, [`quantize_double_into`] gathers
+//! the mean of the absmax values per task while they are in L1 (instead of a serial pass over the
+//! 4 MiB vector after quantization, about 0.15 ms of the 0.55 ms it cost at 64 Mi elements, block
+//! 64, two cores) and writes into reused buffers; the compression of the 1 Mi absmax values then
+//! takes about 0.47 ms on one core (0.65 ms before its centring ran on 16 AVX-512 lanes).
 //!
 //! `qlora bench --threads 2 --blocksize 64`, quantize as a fraction of the memcpy of the same
 //! run, the kernels before the bucket search, the vector reciprocals and the L2 prefetch → after
@@ -121,6 +125,21 @@
 //! to 0.45–0.55 of it (measured one step before the last prefetch change, worth 3–7 % for
 //! f16/bf16); quantization is then compute-bound (one core at block 4096, without the
 //! per-block work, reaches 7.7 G elements/s for bf16 → NF4).
+//!
+//! [`quantize_double_into`] (the mean gathered per task, buffers reused, the centring on AVX-512
+//! lanes) against the separate `double_quantize_absmax` pass before it, same bytes: 48
+//! alternating `qlora bench --threads 2 --blocksize 64 --reps 7` pairs, load average 1.6–1.9 with
+//! the bench itself, memcpy 20–47 GB/s (median 31); median G elements/s, before → after:
+//!
+//! | input | NF4 | NF4 + dq | FP4 | FP4 + dq |
+//! |---|---|---|---|---|
+//! | f32 | 5.59 → 5.82 | 5.35 → 5.58 | 5.61 → 5.69 | 5.24 → 5.49 |
+//! | bf16 | 9.22 → 9.27 | 8.59 → 8.81 | 9.01 → 9.01 | 8.24 → 8.49 |
+//! | f16 | 8.87 → 9.02 | 8.16 → 8.77 | 8.46 → 8.74 | 7.79 → 8.33 |
+//!
+//! Double quantization now costs 3–5 % over plain quantization (7–9 % before). The best runs,
+//! 8.98 (f16 FP4 + dq) to 11.3 (bf16 NF4) G elements/s, are 0.47–0.61 of a memcpy at 48 GB/s:
+//! the f16 cases with double quant stay just under 0.5 when memcpy runs at full speed.
 //!
 //! [`QuantizedTensor::gemv`] multiplies a 4-bit matrix by a few token vectors straight from the
 //! packed codes (module [`gemv`]: a per-block table of dequantized values looked up with
@@ -514,6 +533,51 @@ pub fn quantize_into<T: Element>(
     absmax: &mut [f32],
 ) -> Result<(), Error> {
     Implementation::active().quantize_into(quant_type, input, blocksize, packed, absmax)
+}
+
+/// Quantize `input` with double quantization into caller-provided buffers (no allocation):
+/// [`quantize_into`] (`absmax` receives the f32 absmax values), then the 8-bit double
+/// quantization of those values into `codes` (one per block) and `nested_absmax` (one per
+/// [`NESTED_BLOCKSIZE`] blocks, rounded up); returns the offset. The same bytes as
+/// [`quantize_into`] followed by [`double_quantize_absmax`], faster: the mean of the absmax
+/// values (the offset) is gathered while each range's values are still in cache
+/// ([`qlora_double_quant::MeanScan`]), instead of in a separate pass.
+///
+/// ```
+/// use qlora_codec::{double_quantize_absmax, quantize_double_into, QuantType};
+///
+/// let x: Vec<f32> = (0..100_000).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+/// let blocks = x.len().div_ceil(64);
+/// let (mut packed, mut absmax) = (vec![0u8; x.len() / 2], vec![0f32; blocks]);
+/// let (mut codes, mut nested) = (vec![0u8; blocks], vec![0f32; blocks.div_ceil(256)]);
+/// let offset = quantize_double_into(
+///     QuantType::Nf4, &x, 64, &mut packed, &mut absmax, &mut codes, &mut nested,
+/// )?;
+/// let dq = double_quantize_absmax(&absmax);
+/// assert_eq!((offset, codes, nested), (dq.offset, dq.codes, dq.nested_absmax));
+/// # Ok::<(), qlora_codec::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::BlockSize`] or [`Error::Length`] when a buffer's length does not fit `input`.
+pub fn quantize_double_into<T: Element>(
+    quant_type: QuantType,
+    input: &[T],
+    blocksize: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+    codes: &mut [u8],
+    nested_absmax: &mut [f32],
+) -> Result<f32, Error> {
+    Implementation::active().quantize_double_into(
+        quant_type,
+        input,
+        blocksize,
+        packed,
+        absmax,
+        codes,
+        nested_absmax,
+    )
 }
 
 /// Double-quantize per-block absmax values: [`DoubleQuantAbsmax::compress`] (bitsandbytes'

@@ -2,7 +2,8 @@
 
 use crate::{
     check_blocksize, check_len, dequantize_into, dequantize_range_into, num_blocks, packed_len,
-    quantize_into, AbsmaxView, Dtype, Element, Error, QuantType,
+    quantize_double_into, quantize_into, AbsmaxView, Dtype, Element, Error, QuantType,
+    NESTED_BLOCKSIZE,
 };
 use qlora_double_quant::DoubleQuantAbsmax;
 
@@ -154,21 +155,36 @@ impl QuantizedTensor {
             });
         }
         let mut packed = vec![0u8; packed_len(data.len())];
-        let mut absmax = vec![0f32; num_blocks(data.len(), options.blocksize)];
-        quantize_into(
-            options.quant_type,
-            data,
-            options.blocksize,
-            &mut packed,
-            &mut absmax,
-        )?;
-        let absmax = if options.double_quant {
-            Absmax::Double(match dq_offset {
-                Some(offset) => DoubleQuantAbsmax::compress_with_offset(&absmax, offset),
-                None => DoubleQuantAbsmax::compress(&absmax),
-            })
-        } else {
-            Absmax::F32(absmax)
+        let blocks = num_blocks(data.len(), options.blocksize);
+        let mut absmax = vec![0f32; blocks];
+        let (qt, bs) = (options.quant_type, options.blocksize);
+        let absmax = match (options.double_quant, dq_offset) {
+            (false, _) => {
+                quantize_into(qt, data, bs, &mut packed, &mut absmax)?;
+                Absmax::F32(absmax)
+            }
+            (true, Some(offset)) => {
+                quantize_into(qt, data, bs, &mut packed, &mut absmax)?;
+                Absmax::Double(DoubleQuantAbsmax::compress_with_offset(&absmax, offset))
+            }
+            (true, None) => {
+                let mut codes = vec![0u8; blocks];
+                let mut nested_absmax = vec![0f32; blocks.div_ceil(NESTED_BLOCKSIZE)];
+                let offset = quantize_double_into(
+                    qt,
+                    data,
+                    bs,
+                    &mut packed,
+                    &mut absmax,
+                    &mut codes,
+                    &mut nested_absmax,
+                )?;
+                Absmax::Double(DoubleQuantAbsmax {
+                    codes,
+                    nested_absmax,
+                    offset,
+                })
+            }
         };
         Ok(QuantizedTensor {
             quant_type: options.quant_type,

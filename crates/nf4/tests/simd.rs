@@ -460,3 +460,71 @@ fn fp4_sign_under_flush_to_zero_matches_oracle() {
         }
     }
 }
+
+/// `quantize_double_into` (the mean gathered per task, in any order) against the oracle's
+/// quantization followed by `DoubleQuantAbsmax::compress`: the same codes, absmax, nested values
+/// and offset, for small and multi-task inputs, smooth data (the mean's order-free path) and data
+/// whose absmax span many octaves, NaN, infinities and zero blocks (its sequential path).
+fn check_quantize_double<T: Element>(imp: Implementation, qt: QuantType, x: &[T], bs: usize) {
+    let n = x.len();
+    let blocks = n.div_ceil(bs);
+    let (mut p1, mut a1) = (vec![0xa5u8; n.div_ceil(2)], vec![-7.0f32; blocks]);
+    let (mut c1, mut s1) = (vec![0x5au8; blocks], vec![9.0f32; blocks.div_ceil(256)]);
+    let offset = imp
+        .quantize_double_into(qt, x, bs, &mut p1, &mut a1, &mut c1, &mut s1)
+        .unwrap();
+    let (mut p2, mut a2) = (vec![0u8; n.div_ceil(2)], vec![0f32; blocks]);
+    scalar::quantize_blocks(qt, x, bs, &mut p2, &mut a2);
+    let dq = qlora_codec::DoubleQuantAbsmax::compress(&a2);
+    let what = format!("{imp} {qt:?} {:?} n={n} bs={bs}", T::DTYPE);
+    assert_eq!(p1, p2, "codes {what}");
+    assert_eq!(bits(&a1), bits(&a2), "absmax {what}");
+    assert_eq!(offset.to_bits(), dq.offset.to_bits(), "offset {what}");
+    assert_eq!(c1, dq.codes, "dq codes {what}");
+    assert_eq!(bits(&s1), bits(&dq.nested_absmax), "nested absmax {what}");
+}
+
+#[test]
+fn quantize_double_into_matches_quantize_then_compress() {
+    let mut rng = Rng(0x600d_5eed_1234_0004);
+    let n = PARALLEL_THRESHOLD * 4 + 77;
+    let smooth: Vec<f32> = (0..n).map(|_| (rng.unit() * 2.0 - 1.0) * 0.05).collect();
+    let special = special_input(n, 64, &mut rng);
+    for imp in Implementation::available() {
+        for qt in QUANT_TYPES {
+            for len in [0, 1, 63, 64, 65, 16 * 64 + 3, 300 * 64 + 5, n] {
+                for x in [&smooth[..len], &special[..len]] {
+                    check_quantize_double::<f32>(imp, qt, x, 64);
+                    check_quantize_double::<bf16>(imp, qt, &convert(x), 64);
+                    check_quantize_double::<f16>(imp, qt, &convert(x), 64);
+                }
+            }
+            check_quantize_double::<bf16>(imp, qt, &convert(&special), 4096);
+        }
+    }
+}
+
+#[test]
+fn quantize_double_into_rejects_wrong_lengths() {
+    let x = vec![0.5f32; 1000];
+    let (mut p, mut a) = (vec![0u8; 500], vec![0f32; 16]);
+    for (codes, nested) in [(15, 1), (17, 1), (16, 0), (16, 2)] {
+        let (mut c, mut s) = (vec![0u8; codes], vec![0f32; nested]);
+        let e = qlora_codec::quantize_double_into(
+            QuantType::Nf4,
+            &x,
+            64,
+            &mut p,
+            &mut a,
+            &mut c,
+            &mut s,
+        )
+        .unwrap_err();
+        assert!(matches!(e, qlora_codec::Error::Length { .. }), "{e}");
+    }
+    let (mut c, mut s) = (vec![0u8; 16], vec![0f32; 1]);
+    let e =
+        qlora_codec::quantize_double_into(QuantType::Nf4, &x, 48, &mut p, &mut a, &mut c, &mut s)
+            .unwrap_err();
+    assert_eq!(e, qlora_codec::Error::BlockSize(48));
+}
