@@ -589,7 +589,7 @@ impl Module for LoraLinear {
 
 /// A plain LoRA layer over a 4-bit base on the CPU as one candle op, `(X, A, B) ↦ X·Wᵀ +
 /// s·(dropout(X)·Aᵀ)·Bᵀ` with its three gradients: `qlora-lora`'s forward and backward
-/// ([`LoraView`]), the dropout mask regenerated from the seed. candle's autograd then sees one node
+/// ([`LoraView`]; the dropout mask kept as bits between the two). candle's autograd then sees one node
 /// instead of a dozen (each of which it would zero-fill and accumulate a gradient for); the
 /// values are those of the composed form up to the order of float sums.
 struct FusedLora {
