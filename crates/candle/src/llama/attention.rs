@@ -455,9 +455,9 @@ impl CustomOp3 for FusedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var, D};
+    use candle_core::{Device, Var};
 
-    /// The composed form the model uses off the CPU, on `[b, t, heads·d]` projections.
+    /// The model's composed form (what runs off the CPU), with the causal mask of `window`.
     #[allow(clippy::too_many_arguments)]
     fn composed(
         q: &Tensor,
@@ -470,22 +470,7 @@ mod tests {
         cos: &Tensor,
         sin: &Tensor,
     ) -> Result<Tensor> {
-        let (b, t, _) = q.dims3()?;
-        let split = |y: &Tensor, h: usize| y.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous();
-        let rot = |x: &Tensor| -> Result<Tensor> {
-            let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-            let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-            let rh = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-            x.broadcast_mul(cos)? + rh.broadcast_mul(sin)?
-        };
-        let (q, k, v) = (rot(&split(q, heads)?)?, rot(&split(k, kv)?)?, split(v, kv)?);
-        let rep = heads / kv;
-        let repeat = |x: Tensor| {
-            x.unsqueeze(2)?
-                .expand((b, kv, rep, t, d))?
-                .reshape((b, heads, t, d))
-        };
-        let (k, v) = (repeat(k)?, repeat(v)?);
+        let t = q.dim(1)?;
         let mask: Vec<f32> = (0..t)
             .flat_map(|i| {
                 (0..t).map(move |j| {
@@ -498,10 +483,7 @@ mod tests {
             })
             .collect();
         let mask = Tensor::from_vec(mask, (t, t), q.device())?.to_dtype(q.dtype())?;
-        let scores =
-            (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(&mask)?;
-        let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads * d))
+        super::super::model::composed_attention(q, k, v, (heads, kv, d), cos, sin, &mask)
     }
 
     fn random(shape: (usize, usize, usize), seed: u64, dtype: DType) -> Result<Var> {

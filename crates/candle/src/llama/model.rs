@@ -112,6 +112,52 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<T
     x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
 }
 
+/// Attention from the projections `q: [b, t, heads·d]`, `k, v: [b, t, kv_heads·d]` to the merged
+/// heads `[b, t, heads·d]` with candle's ops (the form off the CPU; [`FusedAttention`] computes
+/// the same on the CPU): split the heads, rotary embeddings, repeat the key/value heads,
+/// `softmax(q·kᵀ/√d + mask)` (upcast for f16/bf16), `·v`, merge. `heads` is
+/// `(heads, kv_heads, head_dim)`.
+pub(crate) fn composed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (heads, kv_heads, head_dim): (usize, usize, usize),
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (b, t, _) = q.dims3()?;
+    let split = |y: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+        y.reshape((b, t, n, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let q = apply_rotary(&split(q, heads)?, cos, sin)?;
+    let k = apply_rotary(&split(k, kv_heads)?, cos, sin)?;
+    let v = split(v, kv_heads)?;
+    let rep = heads / kv_heads;
+    let repeat = |x: Tensor| -> candle_core::Result<Tensor> {
+        if rep == 1 {
+            return Ok(x);
+        }
+        // Query head h reads key/value head h / rep (transformers' repeat_kv).
+        x.unsqueeze(2)?
+            .expand((b, kv_heads, rep, t, head_dim))?
+            .reshape((b, heads, t, head_dim))
+    };
+    let (k, v) = (repeat(k)?, repeat(v)?);
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let raw = q.matmul(&k.t()?.contiguous()?)?;
+    let dtype = raw.dtype();
+    let scores = (raw * scale)?.broadcast_add(mask)?;
+    let probs =
+        candle_nn::ops::softmax(&scores.to_dtype(upcast(dtype))?, D::Minus1)?.to_dtype(dtype)?;
+    probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, t, heads * head_dim))
+}
+
 impl Attention {
     fn forward(
         &self,
@@ -120,52 +166,29 @@ impl Attention {
         sin: &Tensor,
         mask: &AttentionMask,
     ) -> candle_core::Result<Tensor> {
-        let (b, t, _) = xs.dims3()?;
-        if let AttentionMask::Fused { window } = mask {
-            // One op from the projections to the merged heads, with its own backward.
-            let op =
-                FusedAttention::new(self.heads, self.kv_heads, self.head_dim, *window, cos, sin)?;
-            let q = self.q.forward(xs)?.contiguous()?;
-            let k = self.k.forward(xs)?.contiguous()?;
-            let v = self.v.forward(xs)?.contiguous()?;
-            return self.o.forward(&q.apply_op3(&k, &v, op)?);
-        }
-        let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.q.forward(xs)?, self.heads)?;
-        let k = split(self.k.forward(xs)?, self.kv_heads)?;
-        let v = split(self.v.forward(xs)?, self.kv_heads)?;
-        let q = apply_rotary(&q, cos, sin)?;
-        let k = apply_rotary(&k, cos, sin)?;
-        let rep = self.heads / self.kv_heads;
-        let repeat = |x: Tensor| -> candle_core::Result<Tensor> {
-            if rep == 1 {
-                return Ok(x);
+        let mask = match mask {
+            AttentionMask::Fused { window } => {
+                // One op from the projections to the merged heads, with its own backward.
+                let op = FusedAttention::new(
+                    self.heads,
+                    self.kv_heads,
+                    self.head_dim,
+                    *window,
+                    cos,
+                    sin,
+                )?;
+                let q = self.q.forward(xs)?.contiguous()?;
+                let k = self.k.forward(xs)?.contiguous()?;
+                let v = self.v.forward(xs)?.contiguous()?;
+                return self.o.forward(&q.apply_op3(&k, &v, op)?);
             }
-            // Query head h reads key/value head h / rep (transformers' repeat_kv).
-            x.unsqueeze(2)?
-                .expand((b, self.kv_heads, rep, t, self.head_dim))?
-                .reshape((b, self.heads, t, self.head_dim))
+            AttentionMask::Additive(mask) => mask,
         };
-        let (k, v) = (repeat(k)?, repeat(v)?);
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let raw = q.matmul(&k.t()?.contiguous()?)?;
-        let probs = match mask {
-            AttentionMask::Fused { .. } => unreachable!("handled above"),
-            AttentionMask::Additive(mask) => {
-                let dtype = raw.dtype();
-                let scores = (raw * scale)?.broadcast_add(mask)?;
-                candle_nn::ops::softmax(&scores.to_dtype(upcast(dtype))?, D::Minus1)?
-                    .to_dtype(dtype)?
-            }
-        };
-        let out = probs.matmul(&v)?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, t, self.heads * self.head_dim))?;
+        let q = self.q.forward(xs)?;
+        let k = self.k.forward(xs)?;
+        let v = self.v.forward(xs)?;
+        let heads = (self.heads, self.kv_heads, self.head_dim);
+        let out = composed_attention(&q, &k, &v, heads, cos, sin, mask)?;
         self.o.forward(&out)
     }
 }
